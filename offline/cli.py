@@ -1,0 +1,188 @@
+"""The ``hadaquant`` command line: fetch-model, quantize, inspect, eval.
+
+MODEL arguments take an HF directory or the name of a shipped model (``smollm2``,
+``qwen2.5-0.5b``), which is converted once from its PyPI package and cached under ``.cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+
+
+def _resolve_model(name_or_dir: str) -> Path:
+    from hq_vllm.offline.model_io import SHIPPED_MODELS, cached_model_dir
+
+    if name_or_dir in SHIPPED_MODELS and not Path(name_or_dir).exists():
+        return cached_model_dir(name_or_dir)
+    path = Path(name_or_dir)
+    if not path.is_dir():
+        raise SystemExit(
+            f"error: {name_or_dir!r} is neither a model directory nor a shipped model "
+            f"({', '.join(SHIPPED_MODELS)})"
+        )
+    return path
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
+    from hq_vllm.kernels.hadamard import ROTATION_KINDS
+    from hq_vllm.offline.pipeline import RECIPES
+
+    p.add_argument("--recipe", default=default_recipe, choices=sorted(RECIPES), help="bit widths (w/a/kv)")
+    p.add_argument("--no-rotate", action="store_true", help="skip norm fusion and rotations (RTN baseline)")
+    p.add_argument("--rotation", default="random_hadamard", choices=ROTATION_KINDS, help="R1/R2 kind")
+    p.add_argument("--walsh-group", type=int, default=None, help="block size for grouped_walsh")
+    p.add_argument("--expand-hidden", type=int, default=None, help="zero-pad the hidden size to this (dimension expansion)")
+    p.add_argument("--expand-intermediate", type=int, default=None, help="zero-pad the intermediate size to this")
+    p.add_argument("--group-size", type=int, default=None, help="weight group size (-1: per channel)")
+    p.add_argument("--asym-weights", action="store_true", help="asymmetric weight grid")
+    p.add_argument("--no-mse-clip", action="store_true", help="plain absmax weight scales")
+    p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default 0.9)")
+    p.add_argument("--kv-clip", type=float, default=None, help="KV-cache clip ratio (default 0.95)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _options(args):
+    from hq_vllm.offline.pipeline import QuantizeOptions
+    from hq_vllm.offline.rotation import RotationOptions
+
+    return QuantizeOptions(
+        recipe=args.recipe,
+        rotate=not args.no_rotate,
+        rotation=RotationOptions(
+            r1_kind=args.rotation,
+            r2_kind=args.rotation,
+            group_size=args.walsh_group,
+            expand_hidden_to=args.expand_hidden,
+            expand_intermediate_to=args.expand_intermediate,
+        ),
+        group_size=args.group_size,
+        weight_symmetric=False if args.asym_weights else None,
+        mse_clip=False if args.no_mse_clip else None,
+        act_clip=args.act_clip,
+        kv_clip=args.kv_clip,
+        seed=args.seed,
+    )
+
+
+def cmd_fetch_model(args) -> int:
+    from hq_vllm.offline.model_io import fetch_model
+
+    start = time.perf_counter()
+    out = fetch_model(args.name, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from hq_vllm.offline.pipeline import quantize_to_checkpoint
+
+    model_dir = _resolve_model(args.model)
+    out = args.out_dir or f"runs/{Path(args.model).name}-{args.recipe}{'-norot' if args.no_rotate else ''}"
+    summary = quantize_to_checkpoint(model_dir, out, _options(args), overwrite=args.overwrite)
+    print(summary.render())
+    if args.eval_sequences:
+        from hq_vllm.offline.evaluate import perplexity
+        from hq_vllm.offline.pipeline import load_checkpoint_simulated
+
+        model, tok, _, _ = load_checkpoint_simulated(out)
+        ppl = perplexity(model, tok, seq_len=512, max_sequences=args.eval_sequences)
+        print(f"  perplexity    {ppl:.2f} (BoolQ held-out passages, {args.eval_sequences}×512 tokens, simulated)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from hq_vllm.offline.checkpoint import read_checkpoint_config
+
+    hf_config, qc = read_checkpoint_config(args.checkpoint)
+    if args.json:
+        print(json.dumps(hf_config["quantization_config"], indent=2, sort_keys=True))
+        return 0
+    print(qc.describe(hf_config))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from hq_vllm.offline.evaluate import TASKS, evaluate, results_to_markdown
+    from hq_vllm.offline.model_io import load_model, read_hf_config
+    from hq_vllm.offline.pipeline import load_checkpoint_simulated, simulated_model
+
+    torch.manual_seed(args.seed)
+    model_dir = _resolve_model(args.model)
+    is_checkpoint = "quantization_config" in read_hf_config(model_dir)
+    if is_checkpoint:
+        model, tokenizer, _, _ = load_checkpoint_simulated(model_dir)
+        label = f"{Path(args.model).name} (checkpoint)"
+    elif args.recipe:
+        model, tokenizer, _, _ = simulated_model(model_dir, _options(args))
+        label = f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}"
+    else:
+        model, tokenizer = load_model(model_dir)
+        label = "FP"
+    tasks = TASKS if args.tasks is None else tuple(t for t in args.tasks.split(",") if t)
+    with torch.inference_mode():
+        result = evaluate(
+            model, tokenizer, seq_len=args.seq_len, tasks=tasks, limit=args.limit, ppl_max_sequences=args.ppl_sequences
+        )
+    result["label"] = label
+    result["model"] = str(args.model)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(results_to_markdown([(label, result)]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hadaquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch-model", help="convert a shipped GGUF model to a bf16 HF directory")
+    p.add_argument("name", choices=["smollm2", "qwen2.5-0.5b"])
+    p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser("quantize", help="rotate and quantize a model into a hadaquant checkpoint")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF directory or shipped model name")
+    p.add_argument("out_dir", nargs="?", default=None, help="default: runs/<model>-<recipe>")
+    _add_recipe_args(p, "w3a3kv3")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval-sequences", type=int, default=0, help="then measure perplexity on N held-out windows")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("inspect", help="describe a hadaquant checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print the raw quantization_config")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model, checkpoint or recipe")
+    p.add_argument("model", help="HF directory, hadaquant checkpoint or shipped model name")
+    _add_recipe_args(p, None)
+    p.add_argument("--tasks", default=None, help="comma-separated subset of lambada,piqa,arc_easy,arc_challenge ('' for none)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task")
+    p.add_argument("--ppl-sequences", type=int, default=None, help="held-out windows for perplexity")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--json", default=None, help="write the result JSON here")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

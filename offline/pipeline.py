@@ -1,0 +1,306 @@
+"""The quantize pipeline: load → (fuse + rotate) → quantize weights → write, and the simulated model.
+
+Recipes name a bit-width triple and its defaults; ``QuantizeOptions`` is the one dataclass passed
+down. The same functions build the in-memory simulated model that ``hadaquant eval`` measures, so a
+checkpoint and its simulation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hq_vllm.format import (
+    ActQuantSpec,
+    HadaquantConfig,
+    KVCacheSpec,
+    RotationSpec,
+    WeightQuantSpec,
+    check_architecture,
+    pack_linear,
+    unpack_linear,
+)
+from hq_vllm.offline.checkpoint import read_checkpoint_config, write_checkpoint
+from hq_vllm.offline.model_io import load_model, read_hf_config
+from hq_vllm.offline.quantize import dequantize_weight, quantize_weight
+from hq_vllm.offline.rotation import RotationOptions, head_dim_of, rotate_model
+from hq_vllm.offline.simulate import Simulation, attach_simulation, decoder_linears
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Bit widths and the plain QuaRot-style defaults for clip ratios (see DESIGN.md)."""
+
+    name: str
+    weight: WeightQuantSpec
+    activation: ActQuantSpec
+    kv_cache: KVCacheSpec
+
+
+def _recipe(name: str, w: int, a: int, kv: int) -> Recipe:
+    return Recipe(
+        name,
+        WeightQuantSpec(bits=w, group_size=128, symmetric=True, mse_clip=True),
+        ActQuantSpec(bits=a, clip_ratio=0.9 if a < 16 else 1.0, symmetric=True),
+        KVCacheSpec(bits=kv, clip_ratio=0.95 if kv < 16 else 1.0, symmetric=False),
+    )
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _recipe("w3a3kv3", 3, 3, 3),
+        _recipe("w4a4kv4", 4, 4, 4),
+        _recipe("w3a8kv4", 3, 8, 4),
+        _recipe("w8a8kv8", 8, 8, 8),
+        _recipe("w3a16", 3, 16, 16),
+        _recipe("w4a16", 4, 16, 16),
+        _recipe("w16a16", 16, 16, 16),
+    )
+}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything the pipeline decides; recorded in the checkpoint's config."""
+
+    recipe: str = "w3a3kv3"
+    rotate: bool = True
+    rotation: RotationOptions = field(default_factory=RotationOptions)
+    group_size: int | None = None  # None: the recipe's (128), lowered to fit the model's sizes
+    weight_symmetric: bool | None = None
+    mse_clip: bool | None = None
+    act_clip: float | None = None
+    kv_clip: float | None = None
+    seed: int = 0
+
+    def resolved_recipe(self) -> Recipe:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        r = RECIPES[self.recipe]
+        w = r.weight
+        if self.group_size is not None:
+            w = replace(w, group_size=self.group_size)
+        if self.weight_symmetric is not None:
+            w = replace(w, symmetric=self.weight_symmetric)
+        if self.mse_clip is not None:
+            w = replace(w, mse_clip=self.mse_clip)
+        a = r.activation if self.act_clip is None else replace(r.activation, clip_ratio=self.act_clip)
+        kv = r.kv_cache if self.kv_clip is None else replace(r.kv_cache, clip_ratio=self.kv_clip)
+        return Recipe(r.name, w, a, kv)
+
+
+def fit_group_size(requested: int, in_features: list[int]) -> int:
+    """The largest group size ≤ requested (halving, down to 32) dividing every linear's input size.
+
+    SmolLM2's hidden size 576 is not a multiple of 128, so its w3 recipe runs at group 64.
+    """
+    if requested == -1:
+        return -1
+    g = requested
+    while g >= 32:
+        if all(k % g == 0 for k in in_features):
+            return g
+        g //= 2
+    raise ValueError(
+        f"no group size ≤ {requested} (and ≥ 32) divides all linear input sizes {sorted(set(in_features))}; "
+        "use --group-size -1 (per channel) or dimension expansion"
+    )
+
+
+def supported_tp_sizes(hf_config: dict, rotation: RotationSpec) -> list[int]:
+    """Tensor-parallel degrees the checkpoint can be served at.
+
+    Attention heads must split evenly, and an online R4 must be shard-local: a full-size
+    Hadamard over the intermediate dimension needs every shard's activations, so it pins TP to 1.
+    """
+    sizes = []
+    for tp in (1, 2, 4, 8):
+        if hf_config["num_attention_heads"] % tp or hf_config["intermediate_size"] % tp:
+            continue
+        if rotation.r4 is not None and rotation.r4["size"] > hf_config["intermediate_size"] // tp:
+            continue
+        sizes.append(tp)
+    return sizes
+
+
+def build_quant_config(recipe: Recipe, rotation: RotationSpec, hf_config: dict, options: QuantizeOptions, weight: WeightQuantSpec) -> HadaquantConfig:
+    return HadaquantConfig(
+        weight=weight,
+        activation=recipe.activation,
+        kv_cache=recipe.kv_cache,
+        rotation=rotation,
+        layers={},
+        tp_sizes=supported_tp_sizes(hf_config, rotation),
+        recipe=recipe.name,
+        calibration={"weight_method": "rtn", "seed": options.seed},
+    )
+
+
+@dataclass
+class PreparedModel:
+    """A rotated model with its quantization config, weights still in full precision."""
+
+    model: nn.Module
+    tokenizer: object
+    config: HadaquantConfig
+    hf_config: dict
+    seconds: float
+
+
+def prepare_model(model_dir: str | Path, options: QuantizeOptions) -> PreparedModel:
+    """Load, fuse and rotate (if asked), and settle the quantization config."""
+    start = time.perf_counter()
+    check_architecture(read_hf_config(model_dir))
+    recipe = options.resolved_recipe()
+    model, tokenizer = load_model(model_dir, dtype=torch.float32)
+    torch.manual_seed(options.seed)
+    hd = head_dim_of(model.config)
+    if options.rotate:
+        rot_opts = replace(options.rotation, seed=options.seed)
+        applied = rotate_model(model, rot_opts)
+        rotation = RotationSpec(
+            r1=applied.r1,
+            r2=applied.r2,
+            r3={"kind": "hadamard", "size": hd},
+            r4=applied.r4,
+            expanded_hidden_size=model.config.hidden_size if options.rotation.expand_hidden_to else None,
+            expanded_intermediate_size=model.config.intermediate_size if options.rotation.expand_intermediate_to else None,
+        )
+    else:
+        rotation = RotationSpec()
+    hf_config = model.config.to_dict()
+    ks = [lin.in_features for lin in decoder_linears(model).values()]
+    weight = recipe.weight
+    if weight.bits < 16:
+        weight = replace(weight, group_size=fit_group_size(weight.group_size, ks))
+    config = build_quant_config(recipe, rotation, hf_config, options, weight)
+    return PreparedModel(model, tokenizer, config, hf_config, time.perf_counter() - start)
+
+
+def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """RTN-quantize every decoder linear; return each one's packed checkpoint tensors.
+
+    The model's weights are replaced by their dequantized values, so the model itself becomes
+    the weight part of the simulation.
+    """
+    packed = {}
+    linears = decoder_linears(model)
+    for name, lin in tqdm(linears.items(), desc="quantize (rtn)", disable=not progress, unit="linear"):
+        spec = config.effective_weight_spec(name)
+        if spec.bits >= 16:
+            continue
+        qw = quantize_weight(lin.weight.detach().float(), spec)
+        packed[name] = pack_linear(qw.codes, qw.scales, qw.zeros, spec)
+        with torch.no_grad():
+            lin.weight.copy_(dequantize_weight(qw, spec).to(lin.weight.dtype))
+    return packed
+
+
+def checkpoint_state_dict(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Packed linears under their prefixes; every other tensor in bf16."""
+    state = {}
+    for key, tensor in model.state_dict().items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in packed and leaf == "weight":
+            continue
+        state[key] = tensor.detach().to(torch.bfloat16).contiguous()
+    for prefix, tensors in packed.items():
+        for name, tensor in tensors.items():
+            if name.endswith(".bias"):
+                continue  # the bias stays as the model's own (bf16) tensor
+            state[name] = tensor.contiguous()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+@dataclass
+class QuantizeSummary:
+    out_dir: Path
+    recipe: str
+    rotated: bool
+    weight: WeightQuantSpec
+    num_quantized: int
+    checkpoint_bytes: int
+    seconds: float
+
+    def render(self) -> str:
+        w = self.weight
+        group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
+        return "\n".join([
+            f"wrote {self.out_dir}",
+            f"  recipe        {self.recipe} ({'rotated' if self.rotated else 'no rotation'})",
+            f"  weights       {w.bits}-bit {'sym' if w.symmetric else 'asym'} {group}, RTN{' + MSE clip' if w.mse_clip else ''}",
+            f"  linears       {self.num_quantized} quantized",
+            f"  size          {self.checkpoint_bytes / 2**20:.1f} MiB",
+            f"  time          {self.seconds:.1f} s",
+        ])
+
+
+def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: QuantizeOptions, *, overwrite: bool = False, progress: bool = True) -> QuantizeSummary:
+    """The ``hadaquant quantize`` job."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    prepared = prepare_model(model_dir, options)
+    packed = quantize_linears(prepared.model, prepared.config, progress=progress)
+    state = checkpoint_state_dict(prepared.model, packed)
+    hf_config = dict(prepared.model.config.to_dict())
+    hf_config["architectures"] = [type(prepared.model).__name__]
+    hf_config["dtype"] = "bfloat16"
+    write_checkpoint(out, state, hf_config, prepared.config, tokenizer_dir=str(model_dir), overwrite=overwrite)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return QuantizeSummary(out, prepared.config.recipe, options.rotate, prepared.config.weight, len(packed), size, time.perf_counter() - start)
+
+
+def simulated_model(model_dir: str | Path, options: QuantizeOptions, *, progress: bool = True) -> tuple[nn.Module, object, HadaquantConfig, Simulation]:
+    """The recipe applied in memory (no checkpoint written): fake-quantized weights plus hooks."""
+    prepared = prepare_model(model_dir, options)
+    quantize_linears(prepared.model, prepared.config, progress=progress)
+    sim = attach_simulation(prepared.model, prepared.config)
+    return prepared.model, prepared.tokenizer, prepared.config, sim
+
+
+def load_checkpoint_simulated(ckpt_dir: str | Path) -> tuple[nn.Module, object, HadaquantConfig, Simulation]:
+    """A hadaquant checkpoint as a float32 HF model with dequantized weights and simulation hooks."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = Path(ckpt_dir)
+    hf_config, qconfig = read_checkpoint_config(ckpt)
+    plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**plain)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    state = {}
+    linears = decoder_linears(model)
+    for key, tensor in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in linears and leaf in ("qweight", "scales", "qzeros"):
+            continue
+        state[key] = tensor.float()
+    for prefix, lin in linears.items():
+        spec = qconfig.effective_weight_spec(prefix)
+        if spec.bits < 16:
+            state[f"{prefix}.weight"] = unpack_linear(tensors, prefix, spec, lin.in_features)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = set(model.state_dict()) - set(state)
+    missing = {m for m in missing if not m.endswith("rotary_emb.inv_freq")}
+    if missing:
+        raise ValueError(f"{ckpt}: checkpoint lacks tensors {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    sim = attach_simulation(model, qconfig)
+    return model, tokenizer, qconfig, sim

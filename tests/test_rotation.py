@@ -1,0 +1,147 @@
+"""Equivalence tests: every rotation (and norm fusion, and dimension expansion) leaves the
+full-precision model's logits unchanged (float32, max relative error < 1e-4)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hq_vllm.format import ActQuantSpec, HadaquantConfig, KVCacheSpec, RotationSpec, WeightQuantSpec
+from hq_vllm.offline.rotation import (
+    RotationOptions,
+    expand_hidden_size,
+    expand_intermediate_size,
+    fuse_rmsnorms_into_linears,
+    head_dim_of,
+    rotate_model,
+)
+from hq_vllm.offline.simulate import attach_simulation
+from tests.tiny_models import TINY_ARCHS, tiny_model
+
+TOL = 1e-4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def random_ids(vocab: int, batch: int = 2, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def online_only_config(r4: dict | None, r3_size: int | None) -> HadaquantConfig:
+    """16-bit everything, only the online halves of R3/R4: the simulator must then be exact."""
+    return HadaquantConfig(
+        weight=WeightQuantSpec(bits=16),
+        activation=ActQuantSpec(bits=16),
+        kv_cache=KVCacheSpec(bits=16),
+        rotation=RotationSpec(r3=None if r3_size is None else {"kind": "hadamard", "size": r3_size}, r4=r4),
+    )
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_fuse_norms_preserves_logits(arch, tied):
+    model = tiny_model(arch, tied=tied)
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    fuse_rmsnorms_into_linears(model)
+    assert float(model.model.norm.weight.sub(1).abs().max()) == 0
+    assert rel_err(logits(model, ids), ref) < TOL
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("kind", ["hadamard", "random_hadamard", "walsh", "grouped_walsh", "random_orthogonal"])
+def test_rotated_model_matches_original(arch, kind):
+    model = tiny_model(arch, tied=arch == "llama")
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    opts = RotationOptions(r1_kind=kind, r2_kind=kind, group_size=16 if kind == "grouped_walsh" else None, seed=3)
+    applied = rotate_model(model, opts)
+    sim = attach_simulation(model, online_only_config(applied.r4, head_dim_of(model.config)))
+    out = logits(model, ids)
+    sim.detach()
+    assert rel_err(out, ref) < TOL
+    # Without the online R4 half the function changes: the test can fail.
+    assert rel_err(logits(model, ids), ref) > 1e-2
+
+
+def test_rotation_changes_weights_and_is_seeded():
+    a, b, c = (tiny_model("llama") for _ in range(3))
+    rotate_model(a, RotationOptions(seed=1))
+    rotate_model(b, RotationOptions(seed=1))
+    rotate_model(c, RotationOptions(seed=2))
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb)
+    assert not torch.allclose(wa, wc)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_hidden_expansion_preserves_logits(arch):
+    model = tiny_model(arch, hidden=48, intermediate=80)  # 48 = 12·4 exists; expand to 64 anyway
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    fuse_rmsnorms_into_linears(model)
+    expand_hidden_size(model, 64)
+    expand_intermediate_size(model, 96)
+    assert model.config.hidden_size == 64 and model.config.intermediate_size == 96
+    assert rel_err(logits(model, ids), ref) < TOL
+
+
+def test_expansion_then_rotation_preserves_logits():
+    model = tiny_model("llama", hidden=40, intermediate=72)  # 40 = Paley; 72 → 80 (Paley 20 · 4)
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    applied = rotate_model(model, RotationOptions(expand_hidden_to=64, expand_intermediate_to=80))
+    assert applied.r1["size"] == 64 and applied.r4["size"] == 80
+    sim = attach_simulation(model, online_only_config(applied.r4, None))
+    assert rel_err(logits(model, ids), ref) < TOL
+    sim.detach()
+
+
+def test_qwen3_hidden_expansion_is_refused():
+    model = tiny_model("qwen3")
+    fuse_rmsnorms_into_linears(model)
+    with pytest.raises(ValueError, match="Qwen3"):
+        expand_hidden_size(model, 128)
+
+
+def test_r3_online_leaves_attention_unchanged():
+    model = tiny_model("qwen2")
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    sim = attach_simulation(model, online_only_config(None, head_dim_of(model.config)))
+    assert rel_err(logits(model, ids), ref) < TOL
+    sim.detach()
+
+
+def _real_model_equivalence(model_dir, expect_tied: bool, expect_bias: bool):
+    from hq_vllm.offline.model_io import load_model
+
+    model, tok = load_model(model_dir, dtype=torch.float32)
+    assert bool(model.config.tie_word_embeddings) == expect_tied
+    assert (model.model.layers[0].self_attn.q_proj.bias is not None) == expect_bias
+    ids = tok(["The tower is 324 metres tall, about the same height", "def fibonacci(n):\n    return"],
+              return_tensors="pt", padding=True).input_ids
+    ref = logits(model, ids)
+    applied = rotate_model(model, RotationOptions(seed=0))
+    sim = attach_simulation(model, online_only_config(applied.r4, head_dim_of(model.config)))
+    out = logits(model, ids)
+    sim.detach()
+    assert rel_err(out, ref) < TOL
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_real_smollm2_rotation_equivalence(smollm2_dir):
+    _real_model_equivalence(smollm2_dir, expect_tied=True, expect_bias=False)
+
+
+def test_real_qwen_rotation_equivalence(qwen_dir):
+    _real_model_equivalence(qwen_dir, expect_tied=False, expect_bias=True)
