@@ -29,7 +29,7 @@ from hq_vllm.format import (
 from hq_vllm.offline.checkpoint import read_checkpoint_config, write_checkpoint
 from hq_vllm.offline.model_io import load_model, read_hf_config
 from hq_vllm.offline.quantize import dequantize_weight, quantize_weight
-from hq_vllm.offline.rotation import RotationOptions, head_dim_of, rotate_model
+from hq_vllm.offline.rotation import RotationOptions, head_dim_of, rotate_model, rotation_spec
 from hq_vllm.offline.simulate import Simulation, attach_simulation, decoder_linears
 
 
@@ -168,7 +168,7 @@ def prepare_model(model_dir: str | Path, options: QuantizeOptions) -> PreparedMo
         rotation = RotationSpec(
             r1=applied.r1,
             r2=applied.r2,
-            r3={"kind": "hadamard", "size": hd},
+            r3=rotation_spec("hadamard", hd),
             r4=applied.r4,
             expanded_hidden_size=model.config.hidden_size if options.rotation.expand_hidden_to else None,
             expanded_intermediate_size=model.config.intermediate_size if options.rotation.expand_intermediate_to else None,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hq_vllm.kernels.hadamard import rotation_matrix
+from hq_vllm.kernels.hadamard import DEFAULT_MAX_WALSH_GROUP, hadamard_factor, rotation_matrix
 
 ROTATION_DTYPE = torch.float64  # rotations are applied in float64 so fusing adds no error of its own
 
@@ -277,7 +277,7 @@ def rotate_model(model: nn.Module, options: RotationOptions) -> AppliedRotations
     d, inter_new = config.hidden_size, config.intermediate_size
 
     def spec(kind: str, size: int, seed: int) -> dict:
-        return {"kind": kind, "size": size, "seed": seed, "group_size": options.group_size}
+        return rotation_spec(kind, size, seed=seed, group_size=options.group_size)
 
     r1 = r2 = r4 = None
     if options.r1:
@@ -292,5 +292,17 @@ def rotate_model(model: nn.Module, options: RotationOptions) -> AppliedRotations
     return AppliedRotations(r1, r2, r4, hidden, inter)
 
 
+def rotation_spec(kind: str, size: int, *, seed: int = 0, group_size: int | None = None) -> dict:
+    """The checkpoint's description of one rotation: only the keys that determine the matrix."""
+    spec = {"kind": kind, "size": size}
+    if kind in ("random_hadamard", "random_orthogonal"):
+        spec["seed"] = seed
+    if kind == "grouped_walsh":
+        spec["group_size"] = group_size or min(size & -size, DEFAULT_MAX_WALSH_GROUP)
+    if kind == "hadamard":
+        spec["factor_k"] = hadamard_factor(size).k
+    return spec
+
+
 def _matrix(spec: dict) -> torch.Tensor:
-    return rotation_matrix(spec["kind"], spec["size"], seed=spec["seed"], group_size=spec["group_size"])
+    return rotation_matrix(spec["kind"], spec["size"], seed=spec.get("seed", 0), group_size=spec.get("group_size"))

@@ -108,10 +108,10 @@ def attach_simulation(model: nn.Module, config: HadaquantConfig) -> Simulation:
     r3 = config.rotation.r3 is not None
     if kv.bits < 16 or r3:
         _register_attention()
-        for layer_idx, layer in enumerate(model.model.layers):
+        for layer in model.model.layers:
             layer.self_attn.hq_kv_spec = {
                 "bits": kv.bits,
-                "clip_ratio": config.effective_kv_clip(layer_idx),
+                "clip_ratio": kv.clip_ratio,
                 "symmetric": kv.symmetric,
                 "r3": r3,
             }

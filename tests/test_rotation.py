@@ -99,7 +99,7 @@ def test_expansion_then_rotation_preserves_logits():
     model = tiny_model("llama", hidden=40, intermediate=72)  # 40 = Paley; 72 → 80 (Paley 20 · 4)
     ids = random_ids(model.config.vocab_size)
     ref = logits(model, ids)
-    applied = rotate_model(model, RotationOptions(expand_hidden_to=64, expand_intermediate_to=80))
+    applied = rotate_model(model, RotationOptions(expand_hidden_to=64, expand_intermediate_to=80, r2=False))  # head_dim 10: no H_10
     assert applied.r1["size"] == 64 and applied.r4["size"] == 80
     sim = attach_simulation(model, online_only_config(applied.r4, None))
     assert rel_err(logits(model, ids), ref) < TOL

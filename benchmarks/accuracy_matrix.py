@@ -1,0 +1,70 @@
+"""Run the accuracy matrix of docs/ACCURACY.md: FP and each recipe without and with rotation.
+
+    .venv/bin/python benchmarks/accuracy_matrix.py smollm2 --limit 500 --ppl-sequences 64
+
+Each configuration is one `hadaquant eval` run in this process (the same code path as the CLI);
+results go to runs/accuracy/<model>/<config>.json and a markdown table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hq_vllm.offline.cli import _resolve_model
+from hq_vllm.offline.evaluate import TASKS, evaluate, results_to_markdown
+from hq_vllm.offline.model_io import load_model
+from hq_vllm.offline.pipeline import QuantizeOptions, simulated_model
+
+
+def configurations(recipes: list[str]) -> list[tuple[str, QuantizeOptions | None]]:
+    configs: list[tuple[str, QuantizeOptions | None]] = [("FP", None)]
+    for recipe in recipes:
+        configs.append((f"{recipe} RTN, no rotation", QuantizeOptions(recipe=recipe, rotate=False)))
+        configs.append((f"{recipe} RTN, rotated", QuantizeOptions(recipe=recipe, rotate=True)))
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--recipes", default="w4a16,w4a4kv4,w3a3kv3")
+    parser.add_argument("--limit", type=int, default=None, help="documents per task")
+    parser.add_argument("--ppl-sequences", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
+    parser.add_argument("--out", default="runs/accuracy")
+    args = parser.parse_args()
+
+    model_dir = _resolve_model(args.model)
+    out_dir = Path(args.out) / Path(args.model).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    rows = []
+    for label, options in configurations(args.recipes.split(",")):
+        if args.only and args.only not in label:
+            continue
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        if options is None:
+            model, tokenizer = load_model(model_dir)
+        else:
+            model, tokenizer, _, _ = simulated_model(model_dir, options)
+        with torch.inference_mode():
+            result = evaluate(model, tokenizer, seq_len=args.seq_len, tasks=tasks, limit=args.limit,
+                              ppl_max_sequences=args.ppl_sequences)
+        result.update(label=label, model=args.model, seconds=round(time.perf_counter() - start, 1))
+        slug = label.replace(" ", "_").replace(",", "")
+        (out_dir / f"{slug}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        rows.append((label, result))
+        del model
+    print(results_to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
