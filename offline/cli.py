@@ -97,13 +97,13 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from hq_vllm.offline.checkpoint import read_checkpoint_config
+    from hq_vllm.offline.checkpoint import describe_checkpoint, read_checkpoint_config
 
-    hf_config, qc = read_checkpoint_config(args.checkpoint)
     if args.json:
+        hf_config, _ = read_checkpoint_config(args.checkpoint)
         print(json.dumps(hf_config["quantization_config"], indent=2, sort_keys=True))
         return 0
-    print(qc.describe(hf_config))
+    print(describe_checkpoint(args.checkpoint))
     return 0
 
 

@@ -172,6 +172,8 @@ def prepare_model(model_dir: str | Path, options: QuantizeOptions) -> PreparedMo
             r4=applied.r4,
             expanded_hidden_size=model.config.hidden_size if options.rotation.expand_hidden_to else None,
             expanded_intermediate_size=model.config.intermediate_size if options.rotation.expand_intermediate_to else None,
+            original_hidden_size=applied.original_hidden_size if options.rotation.expand_hidden_to else None,
+            original_intermediate_size=applied.original_intermediate_size if options.rotation.expand_intermediate_to else None,
         )
     else:
         rotation = RotationSpec()
@@ -197,9 +199,16 @@ def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: boo
         if spec.bits >= 16:
             continue
         qw = quantize_weight(lin.weight.detach().float(), spec)
-        packed[name] = pack_linear(qw.codes, qw.scales, qw.zeros, spec)
+        packed[name] = pack_linear(qw.codes, qw.scales, qw.zeros, spec, prefix=name)
         with torch.no_grad():
             lin.weight.copy_(dequantize_weight(qw, spec).to(lin.weight.dtype))
+    # Everything else is served in bf16 (the checkpoint stores it so): round it here too, so the
+    # in-memory simulation and a checkpoint read back compute the same function.
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            prefix, _, leaf = key.rpartition(".")
+            if not (prefix in packed and leaf == "weight"):
+                param.copy_(param.to(torch.bfloat16).to(param.dtype))
     return packed
 
 
@@ -256,7 +265,9 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
     hf_config = dict(prepared.model.config.to_dict())
     hf_config["architectures"] = [type(prepared.model).__name__]
     hf_config["dtype"] = "bfloat16"
-    write_checkpoint(out, state, hf_config, prepared.config, tokenizer_dir=str(model_dir), overwrite=overwrite)
+    linears = {name: (lin.out_features, lin.in_features) for name, lin in decoder_linears(prepared.model).items()}
+    write_checkpoint(out, state, hf_config, prepared.config, tokenizer_dir=str(model_dir), overwrite=overwrite,
+                     linears=linears)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return QuantizeSummary(out, prepared.config.recipe, options.rotate, prepared.config.weight, len(packed), size, time.perf_counter() - start)
 

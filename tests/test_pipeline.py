@@ -1,0 +1,144 @@
+"""The quantize pipeline end to end on tiny models: checkpoint written, read back, simulated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from hq_vllm.format import UnsupportedArchitecture
+from hq_vllm.offline.cli import main as cli_main
+from hq_vllm.offline.pipeline import (
+    RECIPES,
+    QuantizeOptions,
+    fit_group_size,
+    load_checkpoint_simulated,
+    quantize_to_checkpoint,
+    simulated_model,
+)
+from hq_vllm.offline.rotation import RotationOptions
+from tests.tiny_models import tiny_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, smollm2_dir):
+    """HF directories of tiny random models (with SmolLM2's tokenizer files)."""
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {}
+    for arch in ("llama", "qwen2", "qwen3", "mistral"):
+        model = tiny_model(arch, tied=arch == "llama", hidden=64, intermediate=128)
+        path = root / arch
+        model.save_pretrained(path)
+        for name in TOKENIZER_FILES:
+            shutil.copy(Path(smollm2_dir) / name, path / name)
+        dirs[arch] = path
+    return dirs
+
+
+def ids(vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("recipe", ["w3a3kv3", "w4a16"])
+def test_checkpoint_reproduces_in_memory_simulation(tiny_dirs, tmp_path, arch, recipe):
+    options = QuantizeOptions(recipe=recipe, group_size=32)
+    summary = quantize_to_checkpoint(tiny_dirs[arch], tmp_path / "ckpt", options, progress=False)
+    assert summary.num_quantized == 2 * 7
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hadaquant"
+    assert config["quantization_config"]["weight"]["bits"] == RECIPES[recipe].weight.bits
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "ckpt" / name).is_file()
+
+    from_ckpt, _, _, _ = load_checkpoint_simulated(tmp_path / "ckpt")
+    in_memory, _, _, _ = simulated_model(tiny_dirs[arch], options, progress=False)
+    with torch.no_grad():
+        a = from_ckpt(input_ids=ids()).logits
+        b = in_memory(input_ids=ids()).logits
+    # Same function: packed weights are exact, the rest is bf16 in both.
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+def test_simulated_quantization_really_quantizes(tiny_dirs):
+    fp, _, _, _ = simulated_model(tiny_dirs["llama"], QuantizeOptions(recipe="w16a16"), progress=False)
+    q3, _, _, _ = simulated_model(tiny_dirs["llama"], QuantizeOptions(recipe="w3a3kv3", group_size=32), progress=False)
+    q8, _, _, _ = simulated_model(tiny_dirs["llama"], QuantizeOptions(recipe="w8a8kv8", group_size=32), progress=False)
+    with torch.no_grad():
+        ref, l3, l8 = (m(input_ids=ids()).logits for m in (fp, q3, q8))
+    err3 = float((l3 - ref).norm() / ref.norm())
+    err8 = float((l8 - ref).norm() / ref.norm())
+    assert err8 < 0.1 < err3 and 4 * err8 < err3
+
+
+def test_same_seed_gives_identical_files(tiny_dirs, tmp_path):
+    opts = QuantizeOptions(recipe="w3a3kv3", group_size=32, seed=7)
+    quantize_to_checkpoint(tiny_dirs["qwen2"], tmp_path / "a", opts, progress=False)
+    quantize_to_checkpoint(tiny_dirs["qwen2"], tmp_path / "b", opts, progress=False)
+    quantize_to_checkpoint(tiny_dirs["qwen2"], tmp_path / "c", QuantizeOptions(recipe="w3a3kv3", group_size=32, seed=8), progress=False)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a")["model.safetensors"] != tree_digest(tmp_path / "c")["model.safetensors"]
+
+
+def test_refuses_to_overwrite_and_leaves_no_temp_dirs(tiny_dirs, tmp_path):
+    out = tmp_path / "ckpt"
+    quantize_to_checkpoint(tiny_dirs["llama"], out, QuantizeOptions(recipe="w4a16", group_size=32), progress=False)
+    with pytest.raises(FileExistsError):
+        quantize_to_checkpoint(tiny_dirs["llama"], out, QuantizeOptions(recipe="w4a16"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_unsupported_architecture_fails_before_loading(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM"):
+        quantize_to_checkpoint(tmp_path, tmp_path / "out", QuantizeOptions(), progress=False)
+
+
+def test_unknown_recipe_is_a_clear_error(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="w3a3kv3"):
+        quantize_to_checkpoint(tiny_dirs["llama"], tmp_path / "o", QuantizeOptions(recipe="w1a1"), progress=False)
+
+
+def test_fit_group_size():
+    assert fit_group_size(128, [576, 1536]) == 64
+    assert fit_group_size(128, [896, 4864]) == 128
+    assert fit_group_size(-1, [100]) == -1
+    with pytest.raises(ValueError, match="per channel"):
+        fit_group_size(128, [48, 80])
+
+
+def test_expanded_checkpoint_round_trip(tiny_dirs, tmp_path):
+    options = QuantizeOptions(recipe="w4a16", group_size=32,
+                              rotation=RotationOptions(expand_hidden_to=128, expand_intermediate_to=256))
+    quantize_to_checkpoint(tiny_dirs["llama"], tmp_path / "ckpt", options, progress=False)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"]) == (128, 256)
+    rot = config["quantization_config"]["rotation"]
+    assert (rot["original_hidden_size"], rot["original_intermediate_size"]) == (64, 128)
+    model, _, _, _ = load_checkpoint_simulated(tmp_path / "ckpt")
+    fp, _, _, _ = simulated_model(tiny_dirs["llama"], QuantizeOptions(recipe="w16a16", rotate=False), progress=False)
+    with torch.no_grad():
+        a, b = model(input_ids=ids()).logits, fp(input_ids=ids()).logits
+    assert float((a - b).norm() / b.norm()) < 0.2  # 4-bit weights, same function
+
+
+def test_cli_quantize_inspect(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(out), "--recipe", "w4a4kv4", "--group-size", "32"]) == 0
+    assert cli_main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4-bit" in text and "r4" in text and "qweight" in text
+    assert cli_main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == "w4a4kv4"
+    with pytest.raises(SystemExit, match="neither a model directory"):
+        cli_main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x")])
