@@ -125,6 +125,7 @@ from typing import Any
 
 import torch
 
+from hq_vllm.kernels.hadamard import ROTATION_KINDS
 from hq_vllm.kernels.packing import pack_codes, unpack_codes
 
 __all__ = [
@@ -170,7 +171,6 @@ ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 #: Rotations fused into the weights offline (R1, R2). ``grouped_walsh`` is GSR's block-diagonal
 #: Walsh matrix (R1 only); the random kinds need a ``seed`` so the rotation can be rebuilt.
-ROTATION_KINDS = ("hadamard", "random_hadamard", "walsh", "grouped_walsh", "random_orthogonal")
 _RANDOM_ROTATION_KINDS = ("random_hadamard", "random_orthogonal")
 #: Rotations applied online in the served model (R3, R4): what the FWHT kernels implement,
 #: H_K (x) H_{2^m} with ``size = factor_k * 2^m``.
