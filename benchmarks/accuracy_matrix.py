@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", default="runs/accuracy")
     args = parser.parse_args()
 
@@ -45,6 +46,7 @@ def main() -> None:
     out_dir = Path(args.out) / Path(args.model).name
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = tuple(t for t in args.tasks.split(",") if t)
+    dtype = getattr(torch, args.dtype)
     rows = []
     for label, options in configurations(args.recipes.split(",")):
         if args.only and args.only not in label:
@@ -52,13 +54,13 @@ def main() -> None:
         start = time.perf_counter()
         torch.manual_seed(0)
         if options is None:
-            model, tokenizer = load_model(model_dir)
+            model, tokenizer = load_model(model_dir, dtype=dtype)
         else:
-            model, tokenizer, _, _ = simulated_model(model_dir, options)
+            model, tokenizer, _, _ = simulated_model(model_dir, options, dtype=dtype, progress=False)
         with torch.inference_mode():
             result = evaluate(model, tokenizer, seq_len=args.seq_len, tasks=tasks, limit=args.limit,
                               ppl_max_sequences=args.ppl_sequences)
-        result.update(label=label, model=args.model, seconds=round(time.perf_counter() - start, 1))
+        result.update(label=label, model=args.model, dtype=args.dtype, seconds=round(time.perf_counter() - start, 1))
         slug = label.replace(" ", "_").replace(",", "")
         (out_dir / f"{slug}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         rows.append((label, result))

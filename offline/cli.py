@@ -115,16 +115,17 @@ def cmd_eval(args) -> int:
     from hq_vllm.offline.pipeline import load_checkpoint_simulated, simulated_model
 
     torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
     model_dir = _resolve_model(args.model)
     is_checkpoint = "quantization_config" in read_hf_config(model_dir)
     if is_checkpoint:
-        model, tokenizer, _, _ = load_checkpoint_simulated(model_dir)
+        model, tokenizer, _, _ = load_checkpoint_simulated(model_dir, dtype=dtype)
         label = f"{Path(args.model).name} (checkpoint)"
     elif args.recipe:
-        model, tokenizer, _, _ = simulated_model(model_dir, _options(args))
+        model, tokenizer, _, _ = simulated_model(model_dir, _options(args), dtype=dtype)
         label = f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}"
     else:
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = load_model(model_dir, dtype=dtype)
         label = "FP"
     tasks = TASKS if args.tasks is None else tuple(t for t in args.tasks.split(",") if t)
     with torch.inference_mode():
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="documents per task")
     p.add_argument("--ppl-sequences", type=int, default=None, help="held-out windows for perplexity")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="compute dtype of the evaluated model (bfloat16: as vLLM serves it)")
     p.add_argument("--json", default=None, help="write the result JSON here")
     p.set_defaults(func=cmd_eval)
     return parser
