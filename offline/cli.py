@@ -87,12 +87,20 @@ def cmd_quantize(args) -> int:
     summary = quantize_to_checkpoint(model_dir, out, _options(args), overwrite=args.overwrite)
     print(summary.render())
     if args.eval_sequences:
+        import torch
+
         from hq_vllm.offline.evaluate import perplexity
+        from hq_vllm.offline.model_io import load_model
         from hq_vllm.offline.pipeline import load_checkpoint_simulated
 
-        model, tok, _, _ = load_checkpoint_simulated(out)
-        ppl = perplexity(model, tok, seq_len=512, max_sequences=args.eval_sequences)
-        print(f"  perplexity    {ppl:.2f} (BoolQ held-out passages, {args.eval_sequences}×512 tokens, simulated)")
+        n = args.eval_sequences
+        fp_model, tok = load_model(model_dir, dtype=torch.bfloat16)
+        fp = perplexity(fp_model, tok, seq_len=512, max_sequences=n)
+        del fp_model
+        q_model, _, _, _ = load_checkpoint_simulated(out, dtype=torch.bfloat16)
+        q = perplexity(q_model, tok, seq_len=512, max_sequences=n)
+        print(f"  perplexity    {q:,.2f} quantized (simulated) vs {fp:,.2f} full precision "
+              f"(held-out BoolQ passages, {n}×512 tokens, bf16)")
     return 0
 
 
