@@ -121,7 +121,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -355,14 +355,15 @@ class WeightQuantSpec:
 
 
 @dataclass(frozen=True)
-class ActQuantSpec:
-    """Dynamic per-token quantization of a linear's input: scale from the clipped absmax (or
-    min/max when asymmetric) of each token's row, computed at run time."""
+class _DynamicQuantSpec:
+    """Quantization computed at run time from each row's clipped range: bits, clip, symmetry."""
 
     bits: int = 16
     clip_ratio: float = 1.0
     symmetric: bool = True
 
+    _WHERE: ClassVar[str] = ""
+
     def __post_init__(self) -> None:
         try:
             _bits("bits", self.bits, ACT_BITS)
@@ -375,33 +376,26 @@ class ActQuantSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "activation") -> ActQuantSpec:
-        return _build(cls, d, where)
+    def from_dict(cls, d: Mapping[str, Any], where: str | None = None):
+        return _build(cls, d, where or cls._WHERE)
 
 
 @dataclass(frozen=True)
-class KVCacheSpec:
+class ActQuantSpec(_DynamicQuantSpec):
+    """Dynamic per-token quantization of a linear's input: scale from the clipped absmax (or
+    min/max when asymmetric) of each token's row, computed at run time."""
+
+    _WHERE: ClassVar[str] = "activation"
+
+
+@dataclass(frozen=True)
+class KVCacheSpec(_DynamicQuantSpec):
     """Quantization of K and V in the paged cache, per token and KV head (over head_dim).
     Asymmetric by default: K rows are not centred even after the R3 rotation."""
 
-    bits: int = 16
-    clip_ratio: float = 1.0
     symmetric: bool = False
 
-    def __post_init__(self) -> None:
-        try:
-            _bits("bits", self.bits, ACT_BITS)
-            _set(self, "clip_ratio", _clip("clip_ratio", self.clip_ratio))
-            _bool("symmetric", self.symmetric)
-        except CheckpointFormatError as e:
-            raise _under(e, type(self).__name__) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "kv_cache") -> KVCacheSpec:
-        return _build(cls, d, where)
+    _WHERE: ClassVar[str] = "kv_cache"
 
 
 # Allowed keys per rotation slot: (required, optional). Seeds / group sizes are further
