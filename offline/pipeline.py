@@ -154,17 +154,23 @@ class PreparedModel:
     seconds: float
 
 
-def prepare_model(model_dir: str | Path, options: QuantizeOptions) -> PreparedModel:
-    """Load, fuse and rotate (if asked), and settle the quantization config."""
+def prepare_model(model_dir: str | Path, options: QuantizeOptions, *, device: str | torch.device = "cpu",
+                  progress: bool = True) -> PreparedModel:
+    """Load, fuse and rotate (if asked), and settle the quantization config.
+
+    ``device``: where the float64 rotations and the quantization run (a GPU makes a 7B model's
+    preparation take seconds instead of minutes).
+    """
     start = time.perf_counter()
     check_architecture(read_hf_config(model_dir))
     recipe = options.resolved_recipe()
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
+    model.to(device)
     torch.manual_seed(options.seed)
     hd = head_dim_of(model.config)
     if options.rotate:
         rot_opts = replace(options.rotation, seed=options.seed)
-        applied = rotate_model(model, rot_opts)
+        applied = rotate_model(model, rot_opts, progress=progress)
         rotation = RotationSpec(
             r1=applied.r1,
             r2=applied.r2,
@@ -186,8 +192,9 @@ def prepare_model(model_dir: str | Path, options: QuantizeOptions) -> PreparedMo
     return PreparedModel(model, tokenizer, config, hf_config, time.perf_counter() - start)
 
 
-def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """RTN-quantize every decoder linear; return each one's packed checkpoint tensors.
+def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: bool = True, pack: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """RTN-quantize every decoder linear; return each one's packed checkpoint tensors (on the CPU;
+    empty dicts when ``pack`` is False).
 
     The model's weights are replaced by their dequantized values, so the model itself becomes
     the weight part of the simulation.
@@ -199,7 +206,10 @@ def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: boo
         if spec.bits >= 16:
             continue
         qw = quantize_weight(lin.weight.detach().float(), spec)
-        packed[name] = pack_linear(qw.codes, qw.scales, qw.zeros, spec, prefix=name)
+        packed[name] = {}
+        if pack:
+            cpu = [None if t is None else t.cpu() for t in (qw.codes, qw.scales, qw.zeros)]
+            packed[name] = pack_linear(*cpu, spec, prefix=name)
         with torch.no_grad():
             lin.weight.copy_(dequantize_weight(qw, spec).to(lin.weight.dtype))
     # Everything else is served in bf16 (the checkpoint stores it so): round it here too, so the
@@ -259,7 +269,7 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    prepared = prepare_model(model_dir, options)
+    prepared = prepare_model(model_dir, options, progress=progress)
     packed = quantize_linears(prepared.model, prepared.config, progress=progress)
     state = checkpoint_state_dict(prepared.model, packed)
     hf_config = dict(prepared.model.config.to_dict())
@@ -273,14 +283,15 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
 
 
 def simulated_model(model_dir: str | Path, options: QuantizeOptions, *, progress: bool = True,
-                    dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, HadaquantConfig, Simulation]:
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    ) -> tuple[nn.Module, object, HadaquantConfig, Simulation]:
     """The recipe applied in memory (no checkpoint written): fake-quantized weights plus hooks.
 
     Rotation and quantization always run in float32/float64; ``dtype`` is what the simulated model
     then computes in (bfloat16 is what vLLM serves, and twice as fast on CPUs with AVX512-BF16).
     """
-    prepared = prepare_model(model_dir, options)
-    quantize_linears(prepared.model, prepared.config, progress=progress)
+    prepared = prepare_model(model_dir, options, device=device, progress=progress)
+    quantize_linears(prepared.model, prepared.config, progress=progress, pack=False)
     prepared.model.to(dtype)
     sim = attach_simulation(prepared.model, prepared.config)
     return prepared.model, prepared.tokenizer, prepared.config, sim

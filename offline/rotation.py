@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hq_vllm.kernels.hadamard import DEFAULT_MAX_WALSH_GROUP, hadamard_factor, rotation_matrix
 
@@ -173,7 +174,7 @@ def expand_hidden_size(model: nn.Module, new_size: int) -> None:
     model.lm_head = _replace_linear(model.lm_head, _pad(_f64(model.lm_head.weight), 1, new_size) * factor, None)
     eps = config.rms_norm_eps * d / new_size
     for norm in _all_residual_norms(model):
-        norm.weight = nn.Parameter(torch.ones(new_size, dtype=norm.weight.dtype), requires_grad=False)
+        norm.weight = nn.Parameter(norm.weight.new_ones(new_size), requires_grad=False)
         norm.variance_epsilon = eps
     config.head_dim = head_dim_of(config)  # pin it: it was derived from hidden_size
     config.hidden_size = new_size
@@ -216,8 +217,8 @@ def expand_intermediate_size(model: nn.Module, new_size: int) -> None:
 
 def rotate_residual(model: nn.Module, q: torch.Tensor) -> None:
     """R1: rotate the residual stream by the orthogonal q (hidden × hidden). Norms must be fused."""
-    q = q.to(ROTATION_DTYPE)
     emb = model.model.embed_tokens
+    q = q.to(device=emb.weight.device, dtype=ROTATION_DTYPE)
     _set_weight(emb, _f64(emb.weight) @ q)
     for layer in decoder_layers(model):
         for lin in _readers_of_input_norm(layer) + _readers_of_post_norm(layer):
@@ -231,7 +232,7 @@ def rotate_residual(model: nn.Module, q: torch.Tensor) -> None:
 
 def rotate_heads(model: nn.Module, h: torch.Tensor) -> None:
     """R2: rotate each value head by h (head_dim × head_dim) and undo it on o_proj's input."""
-    h = h.to(ROTATION_DTYPE)
+    h = h.to(device=model.lm_head.weight.device, dtype=ROTATION_DTYPE)
     hd = h.shape[0]
     for layer in decoder_layers(model):
         v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
@@ -245,7 +246,7 @@ def rotate_heads(model: nn.Module, h: torch.Tensor) -> None:
 
 def rotate_down_proj_input(model: nn.Module, h: torch.Tensor) -> None:
     """R4, offline half: W_down ← W_down H; the plugin/simulator applies ``a ← a H`` online."""
-    h = h.to(ROTATION_DTYPE)
+    h = h.to(device=model.lm_head.weight.device, dtype=ROTATION_DTYPE)
     for layer in decoder_layers(model):
         down = layer.mlp.down_proj
         _set_weight(down, _f64(down.weight) @ h)
@@ -262,7 +263,7 @@ class AppliedRotations:
     original_intermediate_size: int
 
 
-def rotate_model(model: nn.Module, options: RotationOptions) -> AppliedRotations:
+def rotate_model(model: nn.Module, options: RotationOptions, *, progress: bool = False) -> AppliedRotations:
     """Fuse norms, expand dimensions if asked, and fuse R1, R2 and the offline half of R4.
 
     Works on the model in place (any float dtype; the products run in float64).
@@ -280,15 +281,19 @@ def rotate_model(model: nn.Module, options: RotationOptions) -> AppliedRotations
         return rotation_spec(kind, size, seed=seed, group_size=options.group_size)
 
     r1 = r2 = r4 = None
-    if options.r1:
-        r1 = spec(options.r1_kind, d, options.seed)
-        rotate_residual(model, _matrix(r1))
-    if options.r2:
-        r2 = spec(options.r2_kind, hd, options.seed + 1)
-        rotate_heads(model, _matrix(r2))
-    if options.r4:
-        r4 = spec(options.r4_kind, inter_new, options.seed + 2)
-        rotate_down_proj_input(model, _matrix(r4))
+    with tqdm(total=3, desc="rotate", unit="step", disable=not progress) as bar:
+        if options.r1:
+            r1 = spec(options.r1_kind, d, options.seed)
+            rotate_residual(model, _matrix(r1))
+        bar.update()
+        if options.r2:
+            r2 = spec(options.r2_kind, hd, options.seed + 1)
+            rotate_heads(model, _matrix(r2))
+        bar.update()
+        if options.r4:
+            r4 = spec(options.r4_kind, inter_new, options.seed + 2)
+            rotate_down_proj_input(model, _matrix(r4))
+        bar.update()
     return AppliedRotations(r1, r2, r4, hidden, inter)
 
 

@@ -142,3 +142,28 @@ def test_cli_quantize_inspect(tiny_dirs, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["recipe"] == "w4a4kv4"
     with pytest.raises(SystemExit, match="neither a model directory"):
         cli_main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x")])
+
+
+def test_layer_overrides_reach_the_simulator():
+    """A per-layer override (16-bit input for one down_proj) removes exactly that quantizer."""
+    from hq_vllm.format import ActQuantSpec, HadaquantConfig, KVCacheSpec, LayerOverride, RotationSpec, WeightQuantSpec
+    from hq_vllm.offline.simulate import attach_simulation
+
+    model = tiny_model("llama")
+    ids_ = ids()
+
+    def config(layers):
+        return HadaquantConfig(weight=WeightQuantSpec(bits=16), activation=ActQuantSpec(bits=4, clip_ratio=0.9),
+                               kv_cache=KVCacheSpec(bits=16), rotation=RotationSpec(), layers=layers)
+
+    sim = attach_simulation(model, config({}))
+    with torch.no_grad():
+        all_quantized = model(input_ids=ids_).logits
+    n_all = len(sim.handles)
+    sim.detach()
+    sim = attach_simulation(model, config({"model.layers.1.mlp.down_proj": LayerOverride(act_bits=16)}))
+    with torch.no_grad():
+        one_kept = model(input_ids=ids_).logits
+    assert len(sim.handles) == n_all - 1 == 2 * 7 - 1
+    sim.detach()
+    assert not torch.allclose(all_quantized, one_kept)
