@@ -114,17 +114,24 @@ def fit_group_size(requested: int, in_features: list[int]) -> int:
     )
 
 
-def supported_tp_sizes(hf_config: dict, rotation: RotationSpec) -> list[int]:
+def supported_tp_sizes(hf_config: dict, rotation: RotationSpec, weight: WeightQuantSpec) -> list[int]:
     """Tensor-parallel degrees the checkpoint can be served at.
 
-    Attention heads must split evenly, and an online R4 must be shard-local: a full-size
-    Hadamard over the intermediate dimension needs every shard's activations, so it pins TP to 1.
+    Attention heads must split evenly; the row-parallel linears (o_proj, down_proj) are split along
+    their input, so each shard must hold whole packing blocks (32 channels) and whole groups; and
+    an online R4 must be shard-local: a full-size Hadamard over the intermediate dimension needs
+    every shard's activations, so it pins TP to 1.
     """
+    heads, inter = hf_config["num_attention_heads"], hf_config["intermediate_size"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    block = 32 if weight.bits >= 16 or weight.group_size == -1 else max(32, weight.group_size)
     sizes = []
     for tp in (1, 2, 4, 8):
-        if hf_config["num_attention_heads"] % tp or hf_config["intermediate_size"] % tp:
+        if heads % tp or inter % tp:
             continue
-        if rotation.r4 is not None and rotation.r4["size"] > hf_config["intermediate_size"] // tp:
+        if weight.bits < 16 and tp > 1 and any((k // tp) % block for k in (heads * head_dim, inter)):
+            continue
+        if rotation.r4 is not None and rotation.r4["size"] > inter // tp:
             continue
         sizes.append(tp)
     return sizes
@@ -137,7 +144,7 @@ def build_quant_config(recipe: Recipe, rotation: RotationSpec, hf_config: dict, 
         kv_cache=recipe.kv_cache,
         rotation=rotation,
         layers={},
-        tp_sizes=supported_tp_sizes(hf_config, rotation),
+        tp_sizes=supported_tp_sizes(hf_config, rotation, weight),
         recipe=recipe.name,
         calibration={"weight_method": "rtn", "seed": options.seed},
     )

@@ -167,3 +167,33 @@ def test_layer_overrides_reach_the_simulator():
     assert len(sim.handles) == n_all - 1 == 2 * 7 - 1
     sim.detach()
     assert not torch.allclose(all_quantized, one_kept)
+
+
+def test_unrotated_tied_checkpoint_keeps_embeddings_tied(tiny_dirs, tmp_path):
+    options = QuantizeOptions(recipe="w4a4kv4", rotate=False, group_size=32)
+    quantize_to_checkpoint(tiny_dirs["llama"], tmp_path / "ckpt", options, progress=False)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert all(r is None for k, r in config["quantization_config"]["rotation"].items() if k.startswith("r"))
+    from_ckpt, _, _, _ = load_checkpoint_simulated(tmp_path / "ckpt")
+    in_memory, _, _, _ = simulated_model(tiny_dirs["llama"], options, progress=False)
+    with torch.no_grad():
+        a, b = from_ckpt(input_ids=ids()).logits, in_memory(input_ids=ids()).logits
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+def test_supported_tp_sizes():
+    from hq_vllm.format import RotationSpec, WeightQuantSpec
+    from hq_vllm.offline.pipeline import supported_tp_sizes
+
+    qwen = {"num_attention_heads": 14, "hidden_size": 896, "intermediate_size": 4864}
+    w3 = WeightQuantSpec(bits=3, group_size=128)
+    assert supported_tp_sizes(qwen, RotationSpec(), w3) == [1]  # o_proj: 896 / 2 = 448 = 3.5 groups
+    w3g64 = WeightQuantSpec(bits=3, group_size=64)
+    assert supported_tp_sizes(qwen, RotationSpec(), w3g64) == [1, 2]
+    r4 = RotationSpec(r4={"kind": "hadamard", "size": 4864, "factor_k": 76})
+    assert supported_tp_sizes(qwen, r4, w3g64) == [1]  # a full-size online R4 needs every shard
+    smollm2 = {"num_attention_heads": 9, "hidden_size": 576, "intermediate_size": 1536}
+    assert supported_tp_sizes(smollm2, RotationSpec(), WeightQuantSpec(bits=4, group_size=64)) == [1]
+    llama7b = {"num_attention_heads": 32, "hidden_size": 4096, "intermediate_size": 11008}
+    assert supported_tp_sizes(llama7b, RotationSpec(), w3) == [1, 2]  # 11008 / 4 = 2752 = 21.5 groups
