@@ -51,9 +51,12 @@ def _simulated_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register_attention() -> None:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _simulated_attention)
+    # Without a mask function of its own name, transformers builds no padding mask for it.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @dataclass

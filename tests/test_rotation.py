@@ -145,3 +145,19 @@ def test_real_smollm2_rotation_equivalence(smollm2_dir):
 
 def test_real_qwen_rotation_equivalence(qwen_dir):
     _real_model_equivalence(qwen_dir, expect_tied=False, expect_bias=True)
+
+
+def test_simulator_respects_left_padding():
+    """Batched, left-padded inputs give the same logits as each prompt alone (the mask reaches
+    the simulated attention)."""
+    model = tiny_model("llama")
+    sim = attach_simulation(model, online_only_config(None, head_dim_of(model.config)))
+    short, long = random_ids(256, 1, 8, seed=1), random_ids(256, 1, 12, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        padded = model(input_ids=batch, attention_mask=mask).logits
+        alone = model(input_ids=short).logits
+    sim.detach()
+    assert rel_err(padded[0, 4:], alone[0]) < TOL
