@@ -10,12 +10,17 @@ _registered = False
 
 
 def register() -> None:
-    """vLLM plugin entry point. Idempotent.
+    """vLLM plugin entry point (``vllm.general_plugins``). Idempotent.
 
-    The quantization method and KV-cache dtype are registered by the plugin issue; until
-    then this only marks the plugin as loaded so that vLLM's plugin discovery succeeds.
+    vLLM calls it in every process it starts (front end, engine core, workers), before it reads
+    the model's config, so that ``quant_method: "hadaquant"`` resolves to our config class.
+    Importing :mod:`hq_vllm.quant_method` registers the quantization method ``hadaquant``
+    (``register_quantization_config``) and its linear methods for weight-loader v2
+    (``register_weight_loader_v2_supported_method``); a second call does nothing.
     """
     global _registered
     if _registered:
         return
+    import hq_vllm.quant_method  # noqa: F401  (registers on import)
+
     _registered = True

@@ -1,0 +1,477 @@
+"""The ``hadaquant`` quantization method for vLLM: config class and linear method.
+
+One file per method, as in ``vllm/model_executor/layers/quantization/``: a
+:class:`HadaquantQuantizationConfig` that vLLM builds from ``config.json["quantization_config"]``
+(auto-detected from ``"quant_method": "hadaquant"``, or picked with ``--quantization hadaquant``),
+and a :class:`HadaquantLinearMethod` that owns the packed weights of one linear layer.
+
+This module imports vllm at its top, so only :func:`hq_vllm.register` (the plugin entry point)
+imports it, lazily. Importing it registers the method (decorators, as vLLM's own methods do).
+
+What vLLM computes per quantized linear (the contract is ``hq_vllm.offline.simulate``)::
+
+    x  = hadamard_transform(x)                  # only down_proj, only if rotation.r4 is set
+    x  = fake_quantize_per_token(x, act spec)   # dynamic per-token, the layer's bits and clip
+    y  = x @ dequant(qweight, scales, qzeros).T + bias
+
+Attention is untouched in this slice: R3 rotates Q and K by the same orthogonal matrix, so
+without KV-cache quantization it leaves QK^T unchanged and is skipped; checkpoints with a
+quantized KV cache are refused (see :class:`HadaquantQuantizationConfig`) until it lands.
+
+Weights in memory: ``qweight`` / ``scales`` / ``qzeros`` keep the checkpoint's packed layout
+(``hq_vllm/format.py``) and stay the source of truth. On this torch reference path
+``process_weights_after_loading`` also materializes the dequantized weight in the activation
+dtype (``hq_weight``), which costs 2 bytes (bf16) or 4 bytes (fp32) per weight on top of the
+``bits / 8`` packed bytes; the GPU kernel issue replaces it with GEMMs that read ``qweight``.
+
+Tensor parallelism, with the parameter classes of ``vllm/model_executor/parameter.py``:
+
+==========  =====================  ==========================================================
+tensor      shape on one rank      sharding (column-parallel: qkv, gate_up; row: o, down)
+==========  =====================  ==========================================================
+qweight     [b*K_p/32, N_p] int32  ``PackedvLLMParameter``: packed along K (input_dim = 0),
+                                   so merged q/k/v and gate/up shards are plain column ranges
+                                   of N (output_dim = 1) and a row-parallel shard is a range
+                                   of whole 32-channel blocks = ``b*K_p/32`` word rows
+scales      [K_p/G, N_p] fp16      ``GroupQuantScaleParameter`` (rows = groups, split with K);
+                                   per output channel (G = -1): ``[1, N_p]``,
+                                   ``ChannelQuantScaleParameter``, replicated on row shards
+qzeros      [K_p/G, N_p] uint8     as ``scales`` (asymmetric weights only)
+==========  =====================  ==========================================================
+
+The packing factor ``32 / b`` is not an integer for b = 3, 5, 6, 7; it is given as a
+``Fraction`` and only matters to vLLM when the packed dim is the output dim, which it never is
+here. The checkpoint's ``tp_sizes`` lists the TP degrees whose row shards hold whole packing
+blocks and groups; any other degree is refused when the model is built.
+
+Where this plugs into vLLM (0.32 line numbers; the same interfaces exist in 0.26):
+
+* ``register_quantization_config`` (``layers/quantization/__init__.py:61``) adds ``hadaquant``
+  to the methods; ``ModelConfig._verify_quantization`` (``config/model.py:1370``) then takes
+  ``quant_method`` from config.json, so no flag is needed, and ``get_quant_config``
+  (``model_loader/weight_utils.py:274``) calls :meth:`from_config` with that dict. With
+  ``--quantization hadaquant`` on a model without one, vLLM calls ``cls()`` instead (``:363``).
+* ``VllmConfig._get_quantization_config`` (``config/vllm.py:886``) checks the act dtype and
+  calls :meth:`maybe_update_config`, in the front-end process: the earliest point to validate
+  the checkpoint (architecture, rotation sizes, every tensor's name, shape and dtype).
+* ``register_weight_loader_v2_supported_method`` (``layers/linear.py:66``): the linear layers
+  hand parameters the v2 loaders when the method's class name is in ``WEIGHT_LOADER_V2_SUPPORTED``.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import (
+    QuantizationMethods,
+    register_quantization_config,
+)
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from hq_vllm.format import (
+    ACT_BITS,
+    QUANT_METHOD,
+    CheckpointFormatError,
+    HadaquantConfig,
+    unpack_linear,
+    validate_tensors,
+)
+from hq_vllm.kernels.fwht import hadamard_transform
+
+__all__ = [
+    "HadaquantLinearMethod",
+    "HadaquantQuantizationConfig",
+    "decoder_linear_shapes",
+    "fake_quantize_per_token",
+]
+
+_PACK_BLOCK = 32  # input channels per packing block (kernels/packing.py)
+_ROW_PARALLEL_SUFFIXES = ("self_attn.o_proj", "mlp.down_proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic activation quantization (torch reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_quantize_per_token(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, symmetric: bool = True
+) -> torch.Tensor:
+    """Dynamic per-token quantize-dequantize of a linear's input ``[..., K]`` (over the last dim).
+
+    The served model must compute exactly what the offline simulator does
+    (``hq_vllm.offline.quantize.fake_quantize_per_token``), but ``hq_vllm`` may not import
+    ``hq_vllm.offline``; this is the same float32 arithmetic, operation for operation, and a test
+    checks that both agree bit for bit. Symmetric: ``s = clip * absmax / (2**(b-1) - 1)``,
+    asymmetric: ``s = clip * (max(x, 0) - min(x, 0)) / (2**b - 1)`` with an integer zero point;
+    ``s`` stays float32, a zero row gets float32's smallest normal, rounding is half to even.
+    ``bits == 16`` returns ``x`` unchanged.
+    """
+    if isinstance(bits, bool) or bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of {ACT_BITS}, got {bits!r}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must lie in (0, 1], got {clip_ratio!r}")
+    if bits == 16:
+        return x
+    xf = x.to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        maxq = 2 ** (bits - 1) - 1
+        scale = (clip_ratio * xf.abs().amax(-1, keepdim=True) / maxq).clamp(min=tiny)
+        q = torch.round(xf / scale).clamp(-maxq - 1, maxq)
+        return (q * scale).to(x.dtype)
+    maxq = 2**bits - 1
+    lo = clip_ratio * xf.amin(-1, keepdim=True).clamp(max=0)
+    hi = clip_ratio * xf.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / maxq).clamp(min=tiny)
+    zero = torch.round(-lo / scale).clamp(0, maxq)
+    c = (torch.round(xf / scale) + zero).clamp(0, maxq)
+    return ((c - zero) * scale).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint checks that need the model's shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfg(hf_config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(hf_config, dict):
+        return hf_config.get(key, default)
+    return getattr(hf_config, key, default)
+
+
+def decoder_linear_shapes(hf_config: Any) -> dict[str, tuple[int, int]]:
+    """``{HF linear name: (N out, K in)}`` of every decoder linear of a Llama / Mistral / Qwen2 /
+    Qwen3 model (they share the block layout), from ``config.json`` values.
+
+    Used to validate the checkpoint's tensors against the format before vLLM starts loading,
+    so a missing or mis-shaped tensor is reported by name instead of as a failed assert.
+    """
+    hidden = _cfg(hf_config, "hidden_size")
+    inter = _cfg(hf_config, "intermediate_size")
+    n_layers = _cfg(hf_config, "num_hidden_layers")
+    heads = _cfg(hf_config, "num_attention_heads")
+    kv_heads = _cfg(hf_config, "num_key_value_heads") or heads
+    head_dim = _cfg(hf_config, "head_dim") or hidden // heads
+    shapes = {}
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.self_attn.q_proj"] = (heads * head_dim, hidden)
+        shapes[f"{p}.self_attn.k_proj"] = (kv_heads * head_dim, hidden)
+        shapes[f"{p}.self_attn.v_proj"] = (kv_heads * head_dim, hidden)
+        shapes[f"{p}.self_attn.o_proj"] = (hidden, heads * head_dim)
+        shapes[f"{p}.mlp.gate_proj"] = (inter, hidden)
+        shapes[f"{p}.mlp.up_proj"] = (inter, hidden)
+        shapes[f"{p}.mlp.down_proj"] = (hidden, inter)
+    return shapes
+
+
+def _validate_checkpoint_tensors(model_dir: Path, hf_config: Any, config: HadaquantConfig) -> None:
+    """Check names, shapes and dtypes of every decoder linear's tensors, reading only the
+    safetensors headers (no tensor data), and raise one error listing what is wrong."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return  # not a safetensors checkpoint: vLLM's loader reports what it finds
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    try:
+        validate_tensors(handles, decoder_linear_shapes(hf_config), config)
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"hadaquant checkpoint {str(model_dir)!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@register_quantization_config(QUANT_METHOD)
+class HadaquantQuantizationConfig(QuantizationConfig):
+    """vLLM's view of a hadaquant checkpoint: the parsed :class:`HadaquantConfig` plus the
+    choice of a quantize method per layer."""
+
+    def __init__(self, config: HadaquantConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            # vLLM calls ``cls()`` when ``--quantization hadaquant`` meets a model without a
+            # hadaquant ``quantization_config`` (get_config_filenames() is empty).
+            raise CheckpointFormatError(
+                "--quantization hadaquant needs a hadaquant checkpoint (config.json with "
+                "quantization_config.quant_method = 'hadaquant'); quantizing a plain Hugging "
+                "Face model at load time is not implemented yet. Make a checkpoint with "
+                "`hadaquant quantize MODEL_DIR OUT_DIR` and serve OUT_DIR."
+            )
+        self.config = config
+        kv = config.kv_cache
+        if kv.bits < 16:
+            # Serving without it would silently compute something other than the simulator.
+            raise CheckpointFormatError(
+                f"quantization_config.kv_cache.bits = {kv.bits}: KV-cache quantization is not "
+                "implemented in the hadaquant vLLM plugin yet; only kv_cache.bits = 16 can be "
+                "served for now"
+            )
+        self._checked_tp_size: int | None = None
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"HadaquantQuantizationConfig(recipe={c.recipe!r}, weight={c.weight}, "
+            f"activation={c.activation}, kv_cache={c.kv_cache}, "
+            f"r4={c.rotation.r4 is not None}, overrides={len(c.layers)}, tp_sizes={c.tp_sizes})"
+        )
+
+    @classmethod
+    def get_name(cls) -> QuantizationMethods:
+        return QUANT_METHOD  # type: ignore[return-value]
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        # float32 is for the CPU reference path and exact comparisons with the simulator.
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # bf16 activations and the planned int8 tensor-core GEMM need Ampere.
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # Everything lives in config.json["quantization_config"]; no side file.
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> HadaquantQuantizationConfig:
+        """Parse strictly; errors are :class:`CheckpointFormatError` naming the key and value
+        (e.g. ``quantization_config.format_version = 99: ... upgrade hadaquant``)."""
+        return cls(HadaquantConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None):
+        """Check the checkpoint against the model before anything is loaded: supported
+        architecture, rotation sizes, and (for a local directory) every linear's tensors.
+
+        vLLM calls this while building its config, in the front-end process, so a bad
+        checkpoint fails there with our message instead of deep inside the engine.
+        """
+        if hf_config is not None:
+            self.config.check_model(hf_config)
+            for name, ov in self.config.layers.items():
+                if name == "lm_head" and ov.weight_bits not in (None, 16):
+                    raise CheckpointFormatError(
+                        f"quantization_config.layers['lm_head'].weight_bits = {ov.weight_bits}: "
+                        "a quantized lm_head is not supported by the hadaquant vLLM plugin yet"
+                    )
+        path = Path(model_name)
+        if hf_config is not None and path.is_dir():
+            _validate_checkpoint_tensors(path, hf_config, self.config)
+
+    def _check_tp_size(self) -> None:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        tp = get_tensor_model_parallel_world_size()
+        if tp == self._checked_tp_size:
+            return
+        if tp not in self.config.tp_sizes:
+            raise CheckpointFormatError(
+                f"tensor_parallel_size = {tp}: this hadaquant checkpoint can be served at "
+                f"tensor_parallel_size {self.config.tp_sizes} only (quantization_config.tp_sizes; "
+                "row-parallel shards must hold whole packing blocks and groups, and an online R4 "
+                "rotation over the whole intermediate size needs it on one rank)"
+            )
+        self._checked_tp_size = tp
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        """Decoder linears get :class:`HadaquantLinearMethod`, or
+        :class:`HadaquantUnquantizedLinearMethod` when their effective weight bits are 16;
+        everything else (lm_head, embeddings, attention) is left to vLLM's defaults (None)."""
+        if not isinstance(layer, LinearBase):
+            # ParallelLMHead / VocabParallelEmbedding: unquantized (lm_head stays 16-bit).
+            # Attention: R3 without KV quantization is the identity on QK^T, nothing to do.
+            return None
+        self._check_tp_size()
+        try:
+            spec = self.config.effective_weight_spec(prefix)
+        except ValueError as e:
+            raise CheckpointFormatError(f"hadaquant: cannot quantize layer {prefix!r}: {e}") from None
+        if spec.bits == 16:
+            return HadaquantUnquantizedLinearMethod(self, prefix)
+        return HadaquantLinearMethod(self, prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear methods
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hadaquant::quantize_linear_input", mutates_args=())
+def quantize_linear_input(
+    x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool
+) -> torch.Tensor:
+    """Online R4 (``rotate``) then per-token activation fake quantization, as one opaque op.
+
+    Opaque on purpose: under vLLM's default ``torch.compile`` mode, dynamo would otherwise trace
+    into the Hadamard construction (data-dependent checks, caches) and fail, and Inductor may
+    rewrite ``x / scale`` as ``x * (1 / scale)``, which moves rounding boundaries: the served
+    codes would no longer be the simulator's. The GPU kernels will register here the same way.
+    """
+    if rotate:
+        x = hadamard_transform(x)
+    out = fake_quantize_per_token(x, bits, clip_ratio, symmetric)
+    return out.clone() if out is x else out  # a custom op's output may not alias its input
+
+
+@quantize_linear_input.register_fake
+def _(x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _OnlineInput:
+    """What happens to a linear's input before its GEMM: optional R4, then activation quant."""
+
+    def __init__(self, quant_config: HadaquantQuantizationConfig, prefix: str) -> None:
+        config = quant_config.config
+        self.prefix = prefix
+        self.act_spec = config.effective_act_spec(prefix)
+        r4 = config.rotation.r4
+        self.r4_size: int | None = r4["size"] if (r4 and prefix.endswith("mlp.down_proj")) else None
+
+    def check_input_size(self, input_size_per_partition: int) -> None:
+        if self.r4_size is not None and input_size_per_partition != self.r4_size:
+            raise CheckpointFormatError(
+                f"{self.prefix}: the online R4 rotation (rotation.r4.size = {self.r4_size}) needs "
+                f"the whole down_proj input on one rank, but this rank holds "
+                f"{input_size_per_partition} channels"
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act_spec
+        if self.r4_size is None and a.bits == 16:
+            return x
+        return torch.ops.hadaquant.quantize_linear_input(
+            x, self.r4_size is not None, a.bits, a.clip_ratio, a.symmetric
+        )
+
+
+@register_weight_loader_v2_supported_method
+class HadaquantUnquantizedLinearMethod(UnquantizedLinearMethod):
+    """A 16-bit linear of a hadaquant checkpoint (a per-layer override): vLLM's unquantized
+    weight, but the input still gets the configured R4 and activation quantization (a layer
+    can keep 16-bit weights and 8-bit activations)."""
+
+    def __init__(self, quant_config: HadaquantQuantizationConfig, prefix: str) -> None:
+        super().__init__()
+        self.online_input = _OnlineInput(quant_config, prefix)
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        self.online_input.check_input_size(input_size_per_partition)
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
+                               output_size, params_dtype, **extra_weight_attrs)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return super().apply(layer, self.online_input(x), bias)
+
+
+@register_weight_loader_v2_supported_method
+class HadaquantLinearMethod(LinearMethodBase):
+    """Packed low-bit weights of one linear (merged qkv / gate_up, o_proj, down_proj).
+
+    ``create_weights`` declares the checkpoint tensors with vLLM parameter classes, so vLLM's
+    weight-loader v2 shards them for merged column-parallel and row-parallel layers (see the
+    module docstring). ``apply`` is the torch reference path.
+    """
+
+    def __init__(self, quant_config: HadaquantQuantizationConfig, prefix: str) -> None:
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.weight_spec = quant_config.config.effective_weight_spec(prefix)
+        self.online_input = _OnlineInput(quant_config, prefix)
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        spec = self.weight_spec
+        weight_loader = extra_weight_attrs.get("weight_loader")
+        k_part = input_size_per_partition
+        n_part = sum(output_partition_sizes)
+        group = k_part if spec.group_size == -1 else spec.group_size
+        if k_part % _PACK_BLOCK or k_part % group:
+            raise CheckpointFormatError(
+                f"{self.prefix}: {k_part} input channels on this rank (of {input_size}) are not "
+                f"a multiple of the packing block ({_PACK_BLOCK}) and group size "
+                f"({spec.group_size}); serve at a tensor_parallel_size from quantization_config."
+                f"tp_sizes = {self.quant_config.config.tp_sizes}"
+            )
+        self.online_input.check_input_size(k_part)
+
+        qweight = PackedvLLMParameter(
+            data=torch.empty(spec.bits * k_part // _PACK_BLOCK, n_part, dtype=torch.int32),
+            input_dim=0,
+            output_dim=1,
+            packed_dim=0,
+            packed_factor=Fraction(_PACK_BLOCK, spec.bits),
+            weight_loader=weight_loader,
+        )
+        layer.register_parameter("qweight", qweight)
+
+        def group_param(dtype: torch.dtype):
+            if spec.group_size == -1:  # one group per output channel: same on every row shard
+                return ChannelQuantScaleParameter(
+                    data=torch.empty(1, n_part, dtype=dtype), output_dim=1, weight_loader=weight_loader
+                )
+            return GroupQuantScaleParameter(
+                data=torch.empty(k_part // group, n_part, dtype=dtype),
+                input_dim=0,
+                output_dim=1,
+                weight_loader=weight_loader,
+            )
+
+        layer.register_parameter("scales", group_param(torch.float16))
+        if not spec.symmetric:
+            layer.register_parameter("qzeros", group_param(torch.uint8))
+        layer.hq_input_size_per_partition = k_part
+
+    def _tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        names = ("qweight", "scales") if self.weight_spec.symmetric else ("qweight", "scales", "qzeros")
+        return {f"{self.prefix}.{n}": getattr(layer, n).data for n in names}
+
+    def dequantize_weight(self, layer: torch.nn.Module) -> torch.Tensor:
+        """Float32 ``[N_p, K_p]`` weight of this rank, by the format's reference
+        (:func:`hq_vllm.format.unpack_linear`), so it matches the simulator bit for bit."""
+        return unpack_linear(self._tensors(layer), self.prefix, self.weight_spec,
+                             layer.hq_input_size_per_partition)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Torch reference path: keep the packed parameters and add the dequantized weight in
+        # the activation dtype (not a parameter: nothing loads into it, it is derived).
+        weight = self.dequantize_weight(layer).to(layer.params_dtype)
+        layer.register_buffer("hq_weight", weight, persistent=False)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(self.online_input(x), layer.hq_weight, bias)
