@@ -44,7 +44,14 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
     p.add_argument("--no-mse-clip", action="store_true", help="plain absmax weight scales")
     p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default 0.9)")
     p.add_argument("--kv-clip", type=float, default=None, help="KV-cache clip ratio (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="rotation and calibration-window seed")
+    p.add_argument("--gptq", action="store_true", help="GPTQ weights (Hessians from calibration text) instead of RTN")
+    p.add_argument("--calib-sequences", type=int, default=128, help="GPTQ calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per GPTQ calibration window")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending diag(H) (static groups)")
+    p.add_argument("--calib-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="GPTQ calibration forward pass (Hessians are float32 either way)")
 
 
 def _options(args):
@@ -67,6 +74,12 @@ def _options(args):
         act_clip=args.act_clip,
         kv_clip=args.kv_clip,
         seed=args.seed,
+        weight_method="gptq" if args.gptq else "rtn",
+        calib_sequences=args.calib_sequences,
+        calib_seq_len=args.calib_seq_len,
+        damp=args.damp,
+        act_order=args.act_order,
+        calib_dtype=args.calib_dtype,
     )
 
 
@@ -83,7 +96,8 @@ def cmd_quantize(args) -> int:
     from hq_vllm.offline.pipeline import quantize_to_checkpoint
 
     model_dir = _resolve_model(args.model)
-    out = args.out_dir or f"runs/{Path(args.model).name}-{args.recipe}{'-norot' if args.no_rotate else ''}"
+    out = args.out_dir or (f"runs/{Path(args.model).name}-{args.recipe}{'-norot' if args.no_rotate else ''}"
+                           f"{'-gptq' if args.gptq else ''}")
     summary = quantize_to_checkpoint(model_dir, out, _options(args), overwrite=args.overwrite)
     print(summary.render())
     if args.eval_sequences:
@@ -131,7 +145,7 @@ def cmd_eval(args) -> int:
         label = f"{Path(args.model).name} (checkpoint)"
     elif args.recipe:
         model, tokenizer, _, _ = simulated_model(model_dir, _options(args), dtype=dtype)
-        label = f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}"
+        label = f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}{' gptq' if args.gptq else ''}"
     else:
         model, tokenizer = load_model(model_dir, dtype=dtype)
         label = "FP"

@@ -27,8 +27,10 @@ from hq_vllm.format import (
     unpack_linear,
 )
 from hq_vllm.offline.checkpoint import read_checkpoint_config, write_checkpoint
+from hq_vllm.offline.data import calibration_batches
+from hq_vllm.offline.gptq import gptq_quantize_model
 from hq_vllm.offline.model_io import load_model, read_hf_config
-from hq_vllm.offline.quantize import dequantize_weight, quantize_weight
+from hq_vllm.offline.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 from hq_vllm.offline.rotation import RotationOptions, head_dim_of, rotate_model, rotation_spec
 from hq_vllm.offline.simulate import Simulation, attach_simulation, decoder_linears
 
@@ -66,6 +68,10 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+WEIGHT_METHODS = ("rtn", "gptq")
+GPTQ_BLOCK_SIZE = 128  # columns per lazy-update block (GPTQ's default; only speed depends on it)
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """Everything the pipeline decides; recorded in the checkpoint's config."""
@@ -78,7 +84,21 @@ class QuantizeOptions:
     mse_clip: bool | None = None
     act_clip: float | None = None
     kv_clip: float | None = None
-    seed: int = 0
+    seed: int = 0  # rotation and calibration windows
+    weight_method: str = "rtn"  # "rtn" | "gptq"
+    calib_sequences: int = 128  # GPTQ calibration windows of BoolQ text disjoint from evaluation
+    calib_seq_len: int = 512
+    damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
+    act_order: bool = False  # GPTQ columns by descending diag(H) (groups stay static)
+    calib_dtype: str = "bfloat16"  # GPTQ calibration forward (Hessians are float32): "bfloat16" | "float32"
+
+    def __post_init__(self) -> None:
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"unknown weight_method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+        if self.weight_method == "gptq" and not (self.calib_sequences > 0 and self.calib_seq_len > 1 and self.damp >= 0):
+            raise ValueError("GPTQ needs calib_sequences > 0, calib_seq_len > 1 and damp >= 0")
+        if self.calib_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"calib_dtype must be 'bfloat16' or 'float32', got {self.calib_dtype!r}")
 
     def resolved_recipe(self) -> Recipe:
         if self.recipe not in RECIPES:
@@ -146,8 +166,18 @@ def build_quant_config(recipe: Recipe, rotation: RotationSpec, hf_config: dict, 
         layers={},
         tp_sizes=supported_tp_sizes(hf_config, rotation, weight),
         recipe=recipe.name,
-        calibration={"weight_method": "rtn", "seed": options.seed},
+        calibration=calibration_record(options),
     )
+
+
+def calibration_record(options: QuantizeOptions) -> dict:
+    """The ``calibration`` provenance written into the checkpoint's config."""
+    record = {"weight_method": options.weight_method, "seed": options.seed}
+    if options.weight_method == "gptq":
+        record.update(dataset="boolq-calibration", n_samples=options.calib_sequences,
+                      seq_len=options.calib_seq_len, damp=options.damp, act_order=options.act_order,
+                      static_groups=True, block_size=GPTQ_BLOCK_SIZE, dtype=options.calib_dtype)
+    return record
 
 
 @dataclass
@@ -199,20 +229,24 @@ def prepare_model(model_dir: str | Path, options: QuantizeOptions, *, device: st
     return PreparedModel(model, tokenizer, config, hf_config, time.perf_counter() - start)
 
 
-def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: bool = True, pack: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """RTN-quantize every decoder linear; return each one's packed checkpoint tensors (on the CPU;
-    empty dicts when ``pack`` is False).
+def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: bool = True, pack: bool = True,
+                     quantized: dict[str, QuantizedWeight] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Quantize every decoder linear (RTN, or take the codes given in ``quantized``, e.g. from
+    GPTQ); return each one's packed checkpoint tensors (on the CPU; empty dicts when ``pack`` is
+    False).
 
     The model's weights are replaced by their dequantized values, so the model itself becomes
     the weight part of the simulation.
     """
     packed = {}
+    quantized = quantized or {}
     linears = decoder_linears(model)
-    for name, lin in tqdm(linears.items(), desc="quantize (rtn)", disable=not progress, unit="linear"):
+    desc = "pack" if quantized else "quantize (rtn)"
+    for name, lin in tqdm(linears.items(), desc=desc, disable=not progress, unit="linear"):
         spec = config.effective_weight_spec(name)
         if spec.bits >= 16:
             continue
-        qw = quantize_weight(lin.weight.detach().float(), spec)
+        qw = quantized[name] if name in quantized else quantize_weight(lin.weight.detach().float(), spec)
         packed[name] = {}
         if pack:
             cpu = [None if t is None else t.cpu() for t in (qw.codes, qw.scales, qw.zeros)]
@@ -227,6 +261,20 @@ def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: boo
             if not (prefix in packed and leaf == "weight"):
                 param.copy_(param.to(torch.bfloat16).to(param.dtype))
     return packed
+
+
+def quantize_model_weights(prepared: PreparedModel, options: QuantizeOptions, *, progress: bool = True,
+                           pack: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight step of the pipeline: GPTQ on calibration text or RTN, then :func:`quantize_linears`."""
+    quantized = None
+    if options.weight_method == "gptq" and any(
+        prepared.config.effective_weight_spec(name).bits < 16 for name in decoder_linears(prepared.model)
+    ):
+        calib = calibration_batches(prepared.tokenizer, options.calib_seq_len, options.calib_sequences, options.seed)
+        quantized = gptq_quantize_model(prepared.model, prepared.config, calib, damp=options.damp,
+                                        block_size=GPTQ_BLOCK_SIZE, act_order=options.act_order,
+                                        compute_dtype=getattr(torch, options.calib_dtype), progress=progress)
+    return quantize_linears(prepared.model, prepared.config, progress=progress, pack=pack, quantized=quantized)
 
 
 def checkpoint_state_dict(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -256,6 +304,7 @@ class QuantizeSummary:
     num_quantized: int
     checkpoint_bytes: int
     seconds: float
+    weight_method: str = "rtn"
 
     def render(self) -> str:
         w = self.weight
@@ -263,7 +312,7 @@ class QuantizeSummary:
         return "\n".join([
             f"wrote {self.out_dir}",
             f"  recipe        {self.recipe} ({'rotated' if self.rotated else 'no rotation'})",
-            f"  weights       {w.bits}-bit {'sym' if w.symmetric else 'asym'} {group}, RTN{' + MSE clip' if w.mse_clip else ''}",
+            f"  weights       {w.bits}-bit {'sym' if w.symmetric else 'asym'} {group}, {self.weight_method.upper()}{' + MSE clip' if w.mse_clip else ''}",
             f"  linears       {self.num_quantized} quantized",
             f"  size          {self.checkpoint_bytes / 2**20:.1f} MiB",
             f"  time          {self.seconds:.1f} s",
@@ -277,7 +326,7 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     prepared = prepare_model(model_dir, options, progress=progress)
-    packed = quantize_linears(prepared.model, prepared.config, progress=progress)
+    packed = quantize_model_weights(prepared, options, progress=progress)
     state = checkpoint_state_dict(prepared.model, packed)
     hf_config = dict(prepared.model.config.to_dict())
     hf_config["architectures"] = [type(prepared.model).__name__]
@@ -286,7 +335,8 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
     write_checkpoint(out, state, hf_config, prepared.config, tokenizer_dir=str(model_dir), overwrite=overwrite,
                      linears=linears)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return QuantizeSummary(out, prepared.config.recipe, options.rotate, prepared.config.weight, len(packed), size, time.perf_counter() - start)
+    return QuantizeSummary(out, prepared.config.recipe, options.rotate, prepared.config.weight, len(packed), size,
+                           time.perf_counter() - start, options.weight_method)
 
 
 def simulated_model(model_dir: str | Path, options: QuantizeOptions, *, progress: bool = True,
@@ -298,7 +348,7 @@ def simulated_model(model_dir: str | Path, options: QuantizeOptions, *, progress
     then computes in (bfloat16 is what vLLM serves, and twice as fast on CPUs with AVX512-BF16).
     """
     prepared = prepare_model(model_dir, options, device=device, progress=progress)
-    quantize_linears(prepared.model, prepared.config, progress=progress, pack=False)
+    quantize_model_weights(prepared, options, progress=progress, pack=False)
     prepared.model.to(dtype)
     sim = attach_simulation(prepared.model, prepared.config)
     return prepared.model, prepared.tokenizer, prepared.config, sim
