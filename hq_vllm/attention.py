@@ -1,0 +1,253 @@
+"""The rotated, packed low-bit KV cache inside vLLM: KV-cache method, attention backend and impl.
+
+What one attention layer computes when the checkpoint's ``kv_cache.bits`` is below 16 (the
+contract is the offline simulator, ``hq_vllm.offline.simulate``)::
+
+    K  = R3(K)  after RoPE (head_dim Hadamard);  Q = R3(Q)     # QKᵀ unchanged in exact arithmetic
+    cache[slot] = pack(quantize(K), quantize(V))               # per token and KV head
+    out = softmax(Q · dequant(K_cache)ᵀ · scale, causal) · dequant(V_cache)
+
+How it plugs into vLLM without a ``--kv-cache-dtype`` flag or a global backend override:
+
+* :meth:`HadaquantQuantizationConfig.get_quant_method <hq_vllm.quant_method>` returns a
+  :class:`HadaquantKVCacheMethod` for every ``Attention`` layer. vLLM's ``Attention.__init__``
+  calls its ``create_weights(layer)`` at the end (``_init_kv_cache_quant``), after it picked a
+  backend for the platform. There we replace the layer's backend by a subclass of that very
+  backend (:func:`packed_kv_backend`): the metadata builder, block sizes and layouts stay vLLM's,
+  only the page size (``customize_spec``: a ``uint8`` page of :func:`kv_slot_bytes` per token
+  and head) and the impl (:class:`HadaquantAttentionImpl`) are ours. Layers of other models in
+  the same process are untouched.
+* The page shrinks, so vLLM's KV-cache manager fits proportionally more tokens into the same
+  memory (its start-up log "KV cache size: N tokens" grows by the same factor).
+* No per-tensor scales are loaded (BaseKVCacheMethod's ``k_scale`` / ``v_scale``): scales are per
+  token and head, computed at run time and stored in the slot.
+
+The impl here is the plain-torch reference (``hq_vllm.kernels.kv_cache``): correct everywhere,
+including chunked prefill and prefix-cache hits (every query attends to what is in the cache);
+the GPU kernel issue replaces it with a fused Triton kernel behind the same slot layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+
+from hq_vllm.format import CheckpointFormatError, KVCacheSpec
+from hq_vllm.kernels.fwht import hadamard_transform
+from hq_vllm.kernels.kv_cache import (
+    kv_slot_bytes,
+    paged_attention_reference,
+    quantize_kv_to_slots,
+    write_kv_slots,
+)
+
+__all__ = ["HadaquantAttentionImpl", "HadaquantKVCacheMethod", "PackedKVSettings", "packed_kv_backend"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedKVSettings:
+    """What one attention layer does to K and V: R3 on or off, bits, clip ratio, symmetry."""
+
+    bits: int
+    clip_ratio: float
+    symmetric: bool
+    r3: bool
+
+    @classmethod
+    def from_config(cls, kv: KVCacheSpec, r3: dict | None) -> PackedKVSettings:
+        return cls(kv.bits, kv.clip_ratio, kv.symmetric, r3 is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend: a subclass of the backend vLLM picked, with our page size and impl
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def packed_kv_backend(base: type, bits: int) -> type:
+    """The attention backend class for ``bits``-bit packed KV on top of ``base`` (vLLM's choice
+    for the platform: ``CPU_ATTN`` on CPU). Cached, so all layers of a model share one class
+    and vLLM puts them in one attention group."""
+
+    def customize_spec(cls, spec):
+        spec = base.customize_spec.__func__(cls, spec) if hasattr(base, "customize_spec") else spec
+        if spec.head_size_v != spec.head_size:
+            raise CheckpointFormatError(
+                f"hadaquant KV cache: head_size_v {spec.head_size_v} != head_size {spec.head_size}"
+            )
+        return dataclasses.replace(
+            spec, dtype=torch.uint8, state_content_bytes=kv_slot_bytes(spec.head_size, bits)
+        )
+
+    namespace: dict[str, Any] = {
+        "__module__": __name__,
+        "__doc__": f"{base.__name__} with a {bits}-bit packed, R3-rotated KV cache (hadaquant).",
+        "forward_includes_kv_cache_update": False,
+        "hq_kv_bits": bits,
+        "customize_spec": classmethod(customize_spec),
+        "get_impl_cls": staticmethod(lambda: HadaquantAttentionImpl),
+    }
+    name = f"Hadaquant{base.__name__}KV{bits}"
+    cls = type(name, (base,), namespace)
+    cls.__qualname__ = name
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Impl
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_impl_base() -> type:
+    from vllm.v1.attention.backend import AttentionImpl
+
+    return AttentionImpl
+
+
+class HadaquantAttentionImpl(_attention_impl_base()):  # type: ignore[misc]
+    """Decoder self-attention over the packed cache (torch reference path).
+
+    Built by :class:`HadaquantKVCacheMethod` (not by vLLM's backend selection), with the
+    settings of the checkpoint; vLLM then calls :meth:`do_kv_cache_update` (rotate K, quantize,
+    pack, store) and :meth:`forward` (rotate Q, attend over the cache) for every step.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None,
+        settings: PackedKVSettings,
+        layer_name: str = "",
+        sliding_window: int | None = None,
+    ) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.settings = settings
+        self.layer_name = layer_name
+        # vLLM's own name for "not one of my quantized caches": keeps its fp8 paths away.
+        self.kv_cache_dtype = "auto"
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = None
+        self.alibi_slopes = None
+        self.sinks = None
+        self.kv_sharing_target_layer_name = None
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard_transform(x) if self.settings.r3 else x
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        s = self.settings
+        n = slot_mapping.shape[0]
+        slots = quantize_kv_to_slots(self._rotate(key[:n]), value[:n], s.bits, s.clip_ratio, s.symmetric)
+        write_kv_slots(kv_cache, slots, slot_mapping)
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("hadaquant attention: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling / warm-up run: no cache, nothing to attend to
+            return output
+        n = attn_metadata.num_actual_tokens
+        paged_attention_reference(
+            self._rotate(query[:n]),
+            kv_cache,
+            attn_metadata.block_table,
+            attn_metadata.seq_lens,
+            attn_metadata.query_start_loc,
+            head_dim=self.head_size,
+            bits=self.settings.bits,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            output=output[:n],
+        )
+        return output
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache method: installs the backend and impl on an Attention layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _kv_cache_method_base() -> type:
+    from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
+
+    return BaseKVCacheMethod
+
+
+class HadaquantKVCacheMethod(_kv_cache_method_base()):  # type: ignore[misc]
+    """Quantize method of an ``Attention`` layer whose KV cache hadaquant packs.
+
+    A ``BaseKVCacheMethod`` because that is what vLLM's attention layer accepts, but it declares
+    no parameters: the checkpoint holds no KV scales (they are dynamic, per token and head).
+    """
+
+    def __init__(self, quant_config: Any, settings: PackedKVSettings, prefix: str) -> None:
+        super().__init__(quant_config)
+        self.settings = settings
+        self.prefix = prefix
+
+    def _check_layer(self, layer: torch.nn.Module) -> None:
+        from vllm.v1.attention.backend import AttentionType
+
+        problems = []
+        if getattr(layer, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
+            problems.append(f"attention type {layer.attn_type!r} (only decoder self-attention)")
+        if getattr(layer, "has_sink", False):
+            problems.append("attention sinks")
+        if getattr(layer, "kv_sharing_target_layer_name", None) is not None:
+            problems.append("cross-layer KV sharing")
+        if layer.head_size_v != layer.head_size:
+            problems.append(f"head_size_v {layer.head_size_v} != head_size {layer.head_size}")
+        impl = layer.impl
+        if getattr(impl, "alibi_slopes", None) is not None:
+            problems.append("ALiBi")
+        if getattr(impl, "logits_soft_cap", None) not in (None, 0, 0.0):
+            problems.append(f"logits soft cap {impl.logits_soft_cap}")
+        if problems:
+            raise CheckpointFormatError(
+                f"{self.prefix}: the hadaquant packed KV cache (quantization_config.kv_cache.bits = "
+                f"{self.settings.bits}) does not support {', '.join(problems)}; use a checkpoint "
+                "with kv_cache.bits = 16"
+            )
+        try:
+            kv_slot_bytes(layer.head_size, self.settings.bits)
+        except ValueError as e:
+            raise CheckpointFormatError(f"{self.prefix}: {e}") from None
+
+    def create_weights(self, layer: torch.nn.Module) -> None:
+        """No weights; swap in our backend and impl (vLLM has already built its own)."""
+        self._check_layer(layer)
+        old = layer.impl
+        layer.attn_backend = packed_kv_backend(layer.attn_backend, self.settings.bits)
+        layer.impl = HadaquantAttentionImpl(
+            layer.num_heads, layer.head_size, old.scale, layer.num_kv_heads, self.settings, self.prefix,
+            sliding_window=layer.sliding_window,
+        )
+        layer.kv_cache_torch_dtype = torch.uint8  # the page is bytes; customize_spec sizes it
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        return None
