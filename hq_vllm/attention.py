@@ -22,6 +22,22 @@ How it plugs into vLLM without a ``--kv-cache-dtype`` flag or a global backend o
 * No per-tensor scales are loaded (BaseKVCacheMethod's ``k_scale`` / ``v_scale``): scales are per
   token and head, computed at run time and stored in the slot.
 
+Two vLLM lines, told apart by feature (:func:`_backend_customizes_spec`), never by version:
+
+* **0.32** (CPU CI): the backend's ``customize_spec`` returns the spec with ``dtype=uint8`` and
+  ``state_content_bytes = kv_slot_bytes(...)``; vLLM derives the page size and the
+  ``[num_blocks, H, block_size, C]`` view of the page from the spec.
+* **0.26** (the lent GPU): there is no ``customize_spec``; the page size comes from the layer's
+  ``Attention.get_kv_cache_spec`` and the tensor's shape from the backend's
+  ``get_kv_cache_shape`` / ``get_kv_cache_stride_order``, and the metadata builder is wrapped
+  (:func:`_packed_metadata_builder`: no full CUDA graphs, no FA3 scheduler). The layer returns a
+  ``TQFullAttentionSpec`` (vLLM's own spec for a packed slot per token and head: page =
+  block x KV heads x ``tq_slot_size`` bytes) and the backend subclass gives the same
+  ``[num_blocks, H, block_size, slot_bytes]`` uint8 tensor, contiguous. A sliding window is
+  kept in that spec's ``sliding_window`` field: vLLM then keeps every block of the request (as
+  it does for sliding-window layers served as full attention) and the impl attends within the
+  window, so it stays correct but frees no out-of-window blocks.
+
 The impl here is the plain-torch reference (``hq_vllm.kernels.kv_cache``): correct everywhere,
 including chunked prefill and prefix-cache hits (every query attends to what is in the cache);
 the GPU kernel issue replaces it with a fused Triton kernel behind the same slot layout.
@@ -31,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Any
 
 import torch
@@ -49,16 +66,22 @@ __all__ = ["HadaquantAttentionImpl", "HadaquantKVCacheMethod", "PackedKVSettings
 
 @dataclasses.dataclass(frozen=True)
 class PackedKVSettings:
-    """What one attention layer does to K and V: R3 on or off, bits, clip ratio, symmetry."""
+    """What one attention layer does to K and V: R3 on or off, bits, clip ratio, symmetry.
+    ``clip_ratio`` is K's; ``value_clip_ratio`` V's (None: the same), per layer where the
+    checkpoint records searched clips (``HadaquantConfig.effective_kv_specs``)."""
 
     bits: int
     clip_ratio: float
     symmetric: bool
     r3: bool
+    value_clip_ratio: float | None = None
 
     @classmethod
-    def from_config(cls, kv: KVCacheSpec, r3: dict | None) -> PackedKVSettings:
-        return cls(kv.bits, kv.clip_ratio, kv.symmetric, r3 is not None)
+    def from_config(cls, kv: KVCacheSpec, r3: dict | None, value: KVCacheSpec | None = None) -> PackedKVSettings:
+        """``kv``: the layer's K spec; ``value``: its V spec when it differs (same bits and
+        symmetry, its own clip)."""
+        v_clip = None if value is None or value.clip_ratio == kv.clip_ratio else value.clip_ratio
+        return cls(kv.bits, kv.clip_ratio, kv.symmetric, r3 is not None, v_clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,11 +89,55 @@ class PackedKVSettings:
 # ---------------------------------------------------------------------------------------------
 
 
+def _backend_customizes_spec() -> bool:
+    """True where the backend sizes KV pages (``AttentionBackend.customize_spec``, vLLM 0.32);
+    False where the attention layer does (``Attention.get_kv_cache_spec``, vLLM 0.26)."""
+    from vllm.v1.attention.backend import AttentionBackend
+
+    return hasattr(AttentionBackend, "customize_spec")
+
+
+def _packed_kv_cache_shape(bits: int):
+    """``get_kv_cache_shape`` of the packed backend (vLLM 0.26): one uint8 slot per token and
+    KV head, ``[num_blocks, num_kv_heads, block_size, kv_slot_bytes(head_size, bits)]``."""
+
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        return (num_blocks, num_kv_heads, block_size, kv_slot_bytes(head_size, bits))
+
+    return get_kv_cache_shape
+
+
+def _packed_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+    """Physical order = logical order: the page is contiguous ``[H, block_size, slot_bytes]``,
+    which is what ``write_kv_slots`` / ``gather_kv`` index (and no cross-layer layout)."""
+    return (0, 1, 2, 3, 4) if include_num_layers_dimension else (0, 1, 2, 3)
+
+
+def _packed_metadata_builder(base_builder: type) -> type:
+    """``base_builder`` (its metadata: block table, sequence lengths, query offsets) with two
+    changes: no CUDA-graph capture of attention (the torch reference impl reads the sequence
+    lengths on the host; piecewise graphs keep attention eager), and no FlashAttention-3
+    ahead-of-time scheduler metadata (it describes a bf16/fp8 cache for FA's own kernel)."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    def __init__(self, *args, **kwargs):
+        base_builder.__init__(self, *args, **kwargs)
+        if hasattr(self, "aot_schedule"):
+            self.aot_schedule = False
+
+    name = f"Hadaquant{base_builder.__name__}"
+    cls = type(name, (base_builder,), {"__module__": __name__, "__init__": __init__,
+                                       "_cudagraph_support": AttentionCGSupport.NEVER})
+    cls.__qualname__ = name
+    return cls
+
+
 @functools.cache
 def packed_kv_backend(base: type, bits: int) -> type:
     """The attention backend class for ``bits``-bit packed KV on top of ``base`` (vLLM's choice
-    for the platform: ``CPU_ATTN`` on CPU). Cached, so all layers of a model share one class
-    and vLLM puts them in one attention group."""
+    for the platform: ``CPU_ATTN`` on CPU, ``FLASH_ATTN`` or ``TRITON_ATTN`` on CUDA). Cached,
+    so all layers of a model share one class and vLLM puts them in one attention group."""
 
     def customize_spec(cls, spec):
         spec = base.customize_spec.__func__(cls, spec) if hasattr(base, "customize_spec") else spec
@@ -90,6 +157,11 @@ def packed_kv_backend(base: type, bits: int) -> type:
         "customize_spec": classmethod(customize_spec),
         "get_impl_cls": staticmethod(lambda: HadaquantAttentionImpl),
     }
+    if not _backend_customizes_spec():  # vLLM 0.26: the backend shapes the page tensor
+        namespace["get_kv_cache_shape"] = staticmethod(_packed_kv_cache_shape(bits))
+        namespace["get_kv_cache_stride_order"] = staticmethod(_packed_kv_cache_stride_order)
+        builder = _packed_metadata_builder(base.get_builder_cls())
+        namespace["get_builder_cls"] = staticmethod(lambda: builder)
     name = f"Hadaquant{base.__name__}KV{bits}"
     cls = type(name, (base,), namespace)
     cls.__qualname__ = name
@@ -152,7 +224,8 @@ class HadaquantAttentionImpl(_attention_impl_base()):  # type: ignore[misc]
     ) -> None:
         s = self.settings
         n = slot_mapping.shape[0]
-        slots = quantize_kv_to_slots(self._rotate(key[:n]), value[:n], s.bits, s.clip_ratio, s.symmetric)
+        slots = quantize_kv_to_slots(self._rotate(key[:n]), value[:n], s.bits, s.clip_ratio, s.symmetric,
+                                     value_clip_ratio=s.value_clip_ratio)
         write_kv_slots(kv_cache, slots, slot_mapping)
 
     def forward(
@@ -248,6 +321,33 @@ class HadaquantKVCacheMethod(_kv_cache_method_base()):  # type: ignore[misc]
             sliding_window=layer.sliding_window,
         )
         layer.kv_cache_torch_dtype = torch.uint8  # the page is bytes; customize_spec sizes it
+        if not _backend_customizes_spec():  # vLLM 0.26: the layer's spec sizes the page
+            layer.get_kv_cache_spec = types.MethodType(
+                functools.partial(_packed_full_attention_spec, bits=self.settings.bits), layer
+            )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         return None
+
+
+def _packed_full_attention_spec(layer: torch.nn.Module, vllm_config: Any, *, bits: int):
+    """``Attention.get_kv_cache_spec`` of a packed layer on vLLM 0.26 (no ``customize_spec``):
+    ``TQFullAttentionSpec``, whose page is ``block_size x num_kv_heads x tq_slot_size`` bytes,
+    with our slot size (vLLM's TurboQuant KV sizes its packed pages the same way)."""
+    try:
+        from vllm.v1.kv_cache_interface import TQFullAttentionSpec
+    except ImportError:
+        raise CheckpointFormatError(
+            f"{layer.layer_name}: this vLLM has neither AttentionBackend.customize_spec nor "
+            "TQFullAttentionSpec, so the packed KV page cannot be sized; use a checkpoint with "
+            "kv_cache.bits = 16"
+        ) from None
+    return TQFullAttentionSpec(
+        block_size=vllm_config.cache_config.block_size,
+        num_kv_heads=layer.num_kv_heads,
+        head_size=layer.head_size,
+        head_size_v=layer.head_size,
+        dtype=torch.uint8,
+        sliding_window=layer.sliding_window,
+        tq_slot_size=kv_slot_bytes(layer.head_size, bits),
+    )

@@ -71,8 +71,21 @@ an unknown key is an error.
   - ``r3`` (online on Q and K after RoPE): ``kind`` = ``hadamard``, ``size`` = head_dim,
     ``factor_k`` (default 1).
   - ``r4`` (online on the down_proj input, transpose fused offline): ``kind`` = ``hadamard``,
-    ``size`` = ``config.json`` intermediate size, ``factor_k`` required; the matrix is
-    ``H_K (x) H_{2^m}`` with ``K = factor_k``, so ``size / factor_k`` must be a power of two.
+    ``size`` = ``config.json`` intermediate size, ``factor_k`` required, optional ``blocks``
+    (default 1, written only when larger, so a one-block checkpoint reads in any version-1
+    reader and a reader that predates the key refuses a block-diagonal one instead of serving
+    it with the wrong matrix). The matrix is block-diagonal: ``blocks`` equal diagonal
+    blocks of order ``B = size / blocks``, each ``H_K (x) H_{2^m}`` / sqrt(B) with
+    ``K = factor_k`` (so ``factor_k`` describes one block: ``B / factor_k`` must be a power of
+    two). ``blocks = 1`` is one Hadamard over the whole intermediate size. Why blocks: under
+    tensor parallelism down_proj is row-parallel and rank ``r`` of ``tp`` holds input channels
+    ``[r*size/tp, (r+1)*size/tp)``, a union of whole blocks exactly when ``tp`` divides
+    ``blocks``; each rank then rotates its own slice block by block, with no communication.
+    The block-diagonal matrix is orthogonal, so the fused model is as exact as with one block;
+    the online transform does the same ``K * size`` multiply-adds per token for its dense
+    factors (a block of ``size / blocks`` has the same ``K`` as the whole size, when it has one)
+    and a shorter butterfly; blocks whose power-of-two part drops below 64 tile worse in the
+    GPU kernel (``kernels/fwht.py``), so the offline tool's default keeps them at least 64.
   - ``expanded_hidden_size`` / ``expanded_intermediate_size``: ``null``, or the zero-padded size
     (then equal to ``r1.size`` / ``r4.size`` and to ``config.json``'s size);
     ``original_hidden_size`` / ``original_intermediate_size``: the source model's size before
@@ -80,9 +93,17 @@ an unknown key is an error.
 * ``layers``: ``{HF linear name: {"weight_bits", "act_bits", "act_clip_ratio"}}`` per-layer
   overrides (``null`` = inherit). q/k/v_proj of one block share an input and vLLM merges them into
   one ``qkv_proj`` (gate/up_proj into ``gate_up_proj``), so siblings must agree on all three.
+  Per-layer KV-cache clip ratios (what the gradual binary search finds) are entries keyed by the
+  attention layer's vLLM prefix ``model.layers.<i>.self_attn.attn``, with only the keys
+  ``k_clip_ratio`` and/or ``v_clip_ratio`` (each in (0, 1]; a missing one inherits
+  ``kv_cache.clip_ratio``; bits and symmetry stay global). They are optional: a checkpoint
+  without them is exactly as before, and a reader that predates them refuses such an entry
+  ("unknown key") instead of serving every layer at the global clip. A linear entry with a KV
+  key, or an attention entry with a linear key, is an error naming the key.
 * ``tp_sizes``: tensor-parallel sizes the checkpoint was checked for (sorted, unique): the
   row-parallel linears (o_proj, down_proj) are split along K, and each shard must hold whole
-  32-channel packing blocks and whole groups (:func:`validate_tensors` checks it).
+  32-channel packing blocks and whole groups (:func:`validate_tensors` checks it); with an
+  ``r4``, every entry must divide ``rotation.r4.blocks`` (checked when the config is read).
 * ``recipe``: free text naming the recipe; ``calibration``: free-form JSON provenance.
 
 Example::
@@ -97,7 +118,7 @@ Example::
         "r1": {"kind": "random_hadamard", "seed": 0, "size": 896},
         "r2": {"kind": "hadamard", "size": 64},
         "r3": {"kind": "hadamard", "size": 64, "factor_k": 1},
-        "r4": {"kind": "hadamard", "size": 4864, "factor_k": 76},
+        "r4": {"kind": "hadamard", "size": 4864, "factor_k": 76, "blocks": 2},
         "expanded_hidden_size": null,
         "expanded_intermediate_size": null,
         "original_hidden_size": null,
@@ -145,6 +166,7 @@ __all__ = [
     "SHARED_INPUT_GROUPS",
     "UnsupportedArchitecture",
     "WeightQuantSpec",
+    "attention_key",
     "check_architecture",
     "expected_shapes",
     "pack_linear",
@@ -404,12 +426,13 @@ _ROTATION_KEYS = {
     "r1": (("kind", "size"), ("seed", "group_size", "factor_k")),
     "r2": (("kind", "size"), ("seed", "factor_k")),
     "r3": (("kind", "size"), ("factor_k",)),
-    "r4": (("kind", "size", "factor_k"), ()),
+    "r4": (("kind", "size", "factor_k"), ("blocks",)),
 }
 
 
 def _check_rotation(slot: str, r: Any) -> dict[str, Any] | None:
-    """Validate one rotation dict and return a canonical copy (r3 gets ``factor_k`` = 1)."""
+    """Validate one rotation dict and return a canonical copy (r3 gets ``factor_k`` = 1; r4's
+    ``blocks`` is dropped when it is the default 1)."""
     if r is None:
         return None
     if not isinstance(r, Mapping):
@@ -450,12 +473,21 @@ def _check_rotation(slot: str, r: Any) -> dict[str, Any] | None:
             raise _field_error(f"{slot}.group_size", r["group_size"], "only for kind 'grouped_walsh'")
         if "factor_k" in r and kind not in ("hadamard", "random_hadamard"):
             raise _field_error(f"{slot}.factor_k", r["factor_k"], "only for the Hadamard kinds")
+    block, what = size, f"size {size}"
+    if slot == "r4":
+        blocks = _int("r4.blocks", r.get("blocks", 1))
+        if blocks <= 0 or size % blocks:
+            raise _field_error("r4.blocks", blocks, f"must be a positive divisor of size {size}")
+        out.pop("blocks", None)
+        if blocks > 1:
+            out["blocks"] = blocks
+            block, what = size // blocks, f"the block size (size / blocks = {size} / {blocks})"
     if "factor_k" in r or slot in ("r3", "r4"):
         fk = _int(f"{slot}.factor_k", r.get("factor_k", 1))
-        if fk <= 0 or size % fk or not _is_pow2(size // fk):
+        if fk <= 0 or block % fk or not _is_pow2(block // fk):
             raise _field_error(
                 f"{slot}.factor_k", fk,
-                f"size {size} must be factor_k times a power of two (H_K (x) H_2^m)",
+                f"{what} must be factor_k times a power of two (H_K (x) H_2^m)",
             )
         out["factor_k"] = fk
     return out
@@ -508,6 +540,17 @@ class RotationSpec:
         except CheckpointFormatError as e:
             raise _under(e, type(self).__name__) from None
 
+    @property
+    def r4_blocks(self) -> int:
+        """Number of diagonal blocks of the online R4 (1 without one, or when not given)."""
+        return 1 if self.r4 is None else self.r4.get("blocks", 1)
+
+    @property
+    def r4_block_size(self) -> int | None:
+        """Order of one diagonal block of the online R4 (``r4.size / r4.blocks``), or None
+        without an R4: what the served model and the simulator rotate at a time."""
+        return None if self.r4 is None else self.r4["size"] // self.r4_blocks
+
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dataclasses.asdict(self))
 
@@ -518,12 +561,15 @@ class RotationSpec:
 
 @dataclass(frozen=True)
 class LayerOverride:
-    """Per-linear deviation from the global specs (mixed precision, searched clip ratios).
-    ``None`` inherits the global value."""
+    """Per-linear deviation from the global specs (mixed precision, searched clip ratios), or,
+    for an attention entry (``model.layers.<i>.self_attn.attn``), the layer's K and V cache clip
+    ratios. ``None`` inherits the global value."""
 
     weight_bits: int | None = None
     act_bits: int | None = None
     act_clip_ratio: float | None = None
+    k_clip_ratio: float | None = None
+    v_clip_ratio: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -531,18 +577,31 @@ class LayerOverride:
                 _bits("weight_bits", self.weight_bits, WEIGHT_BITS)
             if self.act_bits is not None:
                 _bits("act_bits", self.act_bits, ACT_BITS)
-            if self.act_clip_ratio is not None:
-                _set(self, "act_clip_ratio", _clip("act_clip_ratio", self.act_clip_ratio))
-            if self.weight_bits is None and self.act_bits is None and self.act_clip_ratio is None:
+            for key in ("act_clip_ratio",) + _KV_OVERRIDE_KEYS:
+                if getattr(self, key) is not None:
+                    _set(self, key, _clip(key, getattr(self, key)))
+            if all(getattr(self, f.name) is None for f in dataclasses.fields(self)):
                 raise _field_error(
                     "", {}, "an override must set at least one of weight_bits, act_bits, "
-                    "act_clip_ratio",
+                    "act_clip_ratio (linears) or k_clip_ratio, v_clip_ratio (attention)",
                 )
         except CheckpointFormatError as e:
             raise _under(e, type(self).__name__) from None
 
+    @property
+    def is_kv(self) -> bool:
+        """True when only KV keys are set: the override of an attention layer."""
+        return all(getattr(self, k) is None for k in _LINEAR_OVERRIDE_KEYS)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A linear entry as always (its three keys, nulls included); the KV keys only where
+        set, so checkpoints without KV entries read in readers that predate them."""
+        d = dataclasses.asdict(self)
+        kv = {k: d.pop(k) for k in _KV_OVERRIDE_KEYS}
+        if self.is_kv:
+            d = {}
+        d.update({k: v for k, v in kv.items() if v is not None})
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "layer") -> LayerOverride:
@@ -556,6 +615,17 @@ class LayerOverride:
 _BLOCK_LINEAR_RE = re.compile(
     r"^model\.layers\.(\d+)\.(self_attn\.(?:q|k|v|o|qkv)_proj|mlp\.(?:gate|up|down|gate_up)_proj)$"
 )
+#: ``layers`` key of an attention layer's KV-cache override (its vLLM ``Attention`` prefix).
+_ATTENTION_KEY_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn$")
+#: Where the plugin finds the layer index in an attention prefix (also ``...self_attn``).
+_ATTENTION_PREFIX_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn(?:\.attn)?$")
+_LINEAR_OVERRIDE_KEYS = ("weight_bits", "act_bits", "act_clip_ratio")
+_KV_OVERRIDE_KEYS = ("k_clip_ratio", "v_clip_ratio")
+
+
+def attention_key(layer: int) -> str:
+    """The ``layers`` key of decoder layer ``layer``'s KV-cache override."""
+    return f"model.layers.{layer}.self_attn.attn"
 #: Linears that read the same input; vLLM merges each group into one layer (the key's name).
 SHARED_INPUT_GROUPS = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -622,14 +692,33 @@ class HadaquantConfig:
         if not isinstance(self.layers, Mapping):
             raise _field_error("layers", self.layers, "must be an object {module name: override}")
         for name, ov in self.layers.items():
+            if isinstance(name, str) and _ATTENTION_KEY_RE.match(name):
+                if not isinstance(ov, LayerOverride):
+                    raise _field_error(f"layers[{name!r}]", ov, "must be a LayerOverride")
+                for key in _LINEAR_OVERRIDE_KEYS:
+                    if getattr(ov, key) is not None:
+                        raise _field_error(
+                            f"layers[{name!r}].{key}", getattr(ov, key),
+                            f"an attention entry takes only {', '.join(_KV_OVERRIDE_KEYS)}",
+                        )
+                continue
             try:
                 _, local = _parse_linear(name)
             except ValueError:
                 raise _field_error(
                     "layers", name, "unknown key: not a linear hadaquant quantizes (expected "
                     "lm_head or model.layers.<i>.self_attn.{q,k,v,o}_proj / "
-                    "model.layers.<i>.mlp.{gate,up,down}_proj)",
+                    "model.layers.<i>.mlp.{gate,up,down}_proj) nor an attention layer "
+                    "(model.layers.<i>.self_attn.attn)",
                 ) from None
+            for key in _KV_OVERRIDE_KEYS:
+                if isinstance(ov, LayerOverride) and getattr(ov, key) is not None:
+                    layer = _parse_linear(name)[0]
+                    where = "" if layer is None else f" ({attention_key(layer)})"
+                    raise _field_error(
+                        f"layers[{name!r}].{key}", getattr(ov, key),
+                        f"a KV-cache clip belongs to the layer's attention entry{where}, not a linear",
+                    )
             if local in SHARED_INPUT_GROUPS:
                 raise _field_error(
                     "layers", name, "unknown key: a vLLM merged name; override its HF parts "
@@ -645,6 +734,14 @@ class HadaquantConfig:
             if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
                 raise _field_error("tp_sizes", self.tp_sizes, f"entries must be positive integers, got {t!r}")
         _set(self, "tp_sizes", sorted(set(self.tp_sizes)))
+        blocks = self.rotation.r4_blocks
+        bad = [t for t in self.tp_sizes if self.rotation.r4 is not None and blocks % t]
+        if bad:
+            raise _field_error(
+                "tp_sizes", self.tp_sizes,
+                f"tensor parallel size {bad[0]} does not divide rotation.r4.blocks = {blocks}: "
+                "each rank must hold whole blocks of the online R4 rotation",
+            )
         _str("recipe", self.recipe)
         if not isinstance(self.calibration, Mapping) or not all(
             isinstance(k, str) for k in self.calibration
@@ -660,6 +757,8 @@ class HadaquantConfig:
         """q/k/v (and gate/up) become one vLLM layer with one input quantizer and one packed
         weight, so their effective weight bits, activation bits and clip ratio must agree."""
         for name in self.layers:
+            if _ATTENTION_KEY_RE.match(name):
+                continue
             layer, local = _parse_linear(name)
             if local not in _SIBLINGS:
                 continue
@@ -705,6 +804,28 @@ class HadaquantConfig:
         """Input-activation spec of one linear, by HF name or vLLM merged name."""
         return self._act_spec_of(_members(module_name)[0])
 
+    def effective_kv_specs(self, attention_prefix: str) -> tuple[KVCacheSpec, KVCacheSpec]:
+        """The (K, V) cache specs of one attention layer, by its vLLM prefix
+        (``model.layers.<i>.self_attn.attn``; ``...self_attn`` and other model prefixes
+        before ``layers.<i>`` work too): ``kv_cache`` with the layer's ``k_clip_ratio`` /
+        ``v_clip_ratio`` override where one is recorded."""
+        m = _ATTENTION_PREFIX_RE.search(attention_prefix) if isinstance(attention_prefix, str) else None
+        if m is None:
+            if any(_ATTENTION_KEY_RE.match(name) for name in self.layers):
+                raise CheckpointFormatError(
+                    f"attention layer {attention_prefix!r}: no layer index in its name, but this "
+                    "checkpoint records per-layer KV-cache clip ratios (layers['model.layers.<i>."
+                    "self_attn.attn'])"
+                )
+            return self.kv_cache, self.kv_cache
+        ov = self.layers.get(attention_key(int(m.group(1))))
+        k = v = self.kv_cache
+        if ov is not None and ov.k_clip_ratio is not None:
+            k = dataclasses.replace(k, clip_ratio=ov.k_clip_ratio)
+        if ov is not None and ov.v_clip_ratio is not None:
+            v = dataclasses.replace(v, clip_ratio=ov.v_clip_ratio)
+        return k, v
+
     def check_model(self, hf_config: Any) -> str:
         """Check that this config fits the model described by ``hf_config`` (dict or
         PretrainedConfig, the served model: padded sizes when expanded): supported architecture,
@@ -734,7 +855,8 @@ class HadaquantConfig:
                     f"{key} = {got}: the model (config.json, padded sizes when expanded) has {want}"
                 )
         for name in self.layers:
-            layer, _ = _parse_linear(name)
+            attn = _ATTENTION_KEY_RE.match(name)
+            layer = int(attn.group(1)) if attn else _parse_linear(name)[0]
             if layer is not None and layer >= n_layers:
                 raise CheckpointFormatError(
                     f"layers[{name!r}]: the model has only {n_layers} layers"
@@ -896,7 +1018,9 @@ def _get_tensor(source: Any, name: str) -> torch.Tensor:
 def validate_tensors(source: Any, linears: Mapping[str, tuple[int, int]], config: HadaquantConfig) -> None:
     """Check that every linear in ``linears`` (``{HF prefix: (n, k)}``) has exactly the tensors,
     shapes and dtypes the format prescribes for its effective weight spec, and that the
-    row-parallel linears split evenly for every size in ``config.tp_sizes``.
+    row-parallel linears split evenly for every size in ``config.tp_sizes`` (that each size
+    also divides ``rotation.r4.blocks`` is part of the config itself: ``HadaquantConfig``
+    refuses it).
 
     ``source`` is a dict of tensors, a ``safe_open`` handle or a list of them. Raises one
     :class:`CheckpointFormatError` listing every problem found, each naming its tensor.

@@ -10,7 +10,7 @@ imports it, lazily. Importing it registers the method (decorators, as vLLM's own
 
 What vLLM computes per quantized linear (the contract is ``hq_vllm.offline.simulate``)::
 
-    x  = hadamard_transform(x)                  # only down_proj, only if rotation.r4 is set
+    x  = block_hadamard_transform(x, r4 block)  # only down_proj, only if rotation.r4 is set
     x  = fake_quantize_per_token(x, act spec)   # dynamic per-token, the layer's bits and clip
     y  = x @ dequant(qweight, scales, qzeros).T + bias
 
@@ -19,10 +19,14 @@ without KV-cache quantization it leaves QK^T unchanged and is skipped; checkpoin
 quantized KV cache are refused (see :class:`HadaquantQuantizationConfig`) until it lands.
 
 Weights in memory: ``qweight`` / ``scales`` / ``qzeros`` keep the checkpoint's packed layout
-(``hq_vllm/format.py``) and stay the source of truth. On this torch reference path
-``process_weights_after_loading`` also materializes the dequantized weight in the activation
-dtype (``hq_weight``), which costs 2 bytes (bf16) or 4 bytes (fp32) per weight on top of the
-``bits / 8`` packed bytes; the GPU kernel issue replaces it with GEMMs that read ``qweight``.
+(``hq_vllm/format.py``) and stay the source of truth. On CUDA, for 3- and 4-bit weights, they are
+all there is: ``apply`` calls the Triton dequant GEMM (``kernels/gemm.py``) through the opaque
+custom op ``torch.ops.hadaquant.dequant_gemm``, which reads ``qweight`` directly (no host sync,
+so torch.compile and CUDA graphs capture it). Elsewhere (the CPU platform, other bit widths) the
+torch reference path runs: ``process_weights_after_loading`` also materializes the dequantized
+weight in the activation dtype (``hq_weight``), which costs 2 bytes (bf16) or 4 bytes (fp32) per
+weight on top of the ``bits / 8`` packed bytes, and ``apply`` is ``F.linear`` (bit for bit the
+simulator's).
 
 Tensor parallelism, with the parameter classes of ``vllm/model_executor/parameter.py``:
 
@@ -42,7 +46,10 @@ qzeros      [K_p/G, N_p] uint8     as ``scales`` (asymmetric weights only)
 The packing factor ``32 / b`` is not an integer for b = 3, 5, 6, 7; it is given as a
 ``Fraction`` and only matters to vLLM when the packed dim is the output dim, which it never is
 here. The checkpoint's ``tp_sizes`` lists the TP degrees whose row shards hold whole packing
-blocks and groups; any other degree is refused when the model is built.
+blocks and groups, and whole blocks of the online R4 (TP divides ``rotation.r4.blocks``); any
+other degree is refused when the model is built. A row-parallel rank quantizes its input
+activations per token over its own K_p channels (the scale of its slice), which is the
+TP-1 quantizer only when activations are 16-bit.
 
 Where this plugs into vLLM (0.32 line numbers; the same interfaces exist in 0.26):
 
@@ -67,6 +74,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -95,7 +103,8 @@ from hq_vllm.format import (
     unpack_linear,
     validate_tensors,
 )
-from hq_vllm.kernels.fwht import hadamard_transform
+from hq_vllm.kernels.fwht import block_hadamard_transform
+from hq_vllm.kernels.gemm import KERNEL_BITS as PACKED_GEMM_BITS  # registers hadaquant::dequant_gemm
 
 __all__ = [
     "HadaquantLinearMethod",
@@ -200,6 +209,25 @@ def _validate_checkpoint_tensors(model_dir: Path, hf_config: Any, config: Hadaqu
         raise CheckpointFormatError(f"hadaquant checkpoint {str(model_dir)!r}: {e}") from None
 
 
+def _with_kv_bits(config: HadaquantConfig, bits: int, hf_config: Any) -> HadaquantConfig:
+    """``config`` with a ``bits``-bit KV cache (asymmetric, clip 0.95 unless the checkpoint had a
+    quantized cache whose clip and symmetry are kept) and R3 over head_dim."""
+    import dataclasses
+
+    from hq_vllm.kernels.hadamard import hadamard_factor
+
+    kv = config.kv_cache
+    if kv.bits >= 16:
+        kv = dataclasses.replace(kv, clip_ratio=0.95, symmetric=False)
+    rotation = config.rotation
+    if rotation.r3 is None and hf_config is not None:
+        head_dim = _cfg(hf_config, "head_dim") or _cfg(hf_config, "hidden_size") // _cfg(
+            hf_config, "num_attention_heads")
+        r3 = {"kind": "hadamard", "size": head_dim, "factor_k": hadamard_factor(head_dim).k}
+        rotation = dataclasses.replace(rotation, r3=r3)
+    return dataclasses.replace(config, kv_cache=dataclasses.replace(kv, bits=bits), rotation=rotation)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
@@ -212,24 +240,18 @@ class HadaquantQuantizationConfig(QuantizationConfig):
 
     def __init__(self, config: HadaquantConfig | None = None) -> None:
         super().__init__()
+        #: True for a plain HF model served with ``--quantization hadaquant``: RTN at load
+        #: time with online per-linear rotations (hq_vllm/online.py).
+        self.online = config is None
         if config is None:
             # vLLM calls ``cls()`` when ``--quantization hadaquant`` meets a model without a
-            # hadaquant ``quantization_config`` (get_config_filenames() is empty).
-            raise CheckpointFormatError(
-                "--quantization hadaquant needs a hadaquant checkpoint (config.json with "
-                "quantization_config.quant_method = 'hadaquant'); quantizing a plain Hugging "
-                "Face model at load time is not implemented yet. Make a checkpoint with "
-                "`hadaquant quantize MODEL_DIR OUT_DIR` and serve OUT_DIR."
-            )
+            # hadaquant ``quantization_config`` (get_config_filenames() is empty); the settings
+            # (--hf-overrides '{"hadaquant": {...}}') arrive with the HF config in
+            # maybe_update_config, which replaces these defaults.
+            from hq_vllm.online import default_online_config
+
+            config = default_online_config()
         self.config = config
-        kv = config.kv_cache
-        if kv.bits < 16:
-            # Serving without it would silently compute something other than the simulator.
-            raise CheckpointFormatError(
-                f"quantization_config.kv_cache.bits = {kv.bits}: KV-cache quantization is not "
-                "implemented in the hadaquant vLLM plugin yet; only kv_cache.bits = 16 can be "
-                "served for now"
-            )
         self._checked_tp_size: int | None = None
 
     def __repr__(self) -> str:
@@ -271,7 +293,17 @@ class HadaquantQuantizationConfig(QuantizationConfig):
 
         vLLM calls this while building its config, in the front-end process, so a bad
         checkpoint fails there with our message instead of deep inside the engine.
+        For an online config (plain model), this is where its settings are read and checked.
         """
+        from hq_vllm import online
+
+        if self.online:
+            if hf_config is not None:
+                self.config = online.online_config(hf_config)
+                self._apply_requested_kv_cache_dtype(hf_config)
+            return
+        online.reject_online_settings(hf_config)
+        self._apply_requested_kv_cache_dtype(hf_config)
         if hf_config is not None:
             self.config.check_model(hf_config)
             for name, ov in self.config.layers.items():
@@ -284,6 +316,15 @@ class HadaquantQuantizationConfig(QuantizationConfig):
         if hf_config is not None and path.is_dir():
             _validate_checkpoint_tensors(path, hf_config, self.config)
 
+    def _apply_requested_kv_cache_dtype(self, hf_config: Any) -> None:
+        """A KV-cache dtype name asked for at serving time (``hq_int3`` ...; hq_vllm/kv_dtype.py)
+        replaces the checkpoint's KV bits, and brings the R3 rotation it needs."""
+        from hq_vllm.kv_dtype import requested_kv_bits
+
+        bits = requested_kv_bits(hf_config)
+        if bits is not None:
+            self.config = _with_kv_bits(self.config, bits, hf_config)
+
     def _check_tp_size(self) -> None:
         from vllm.distributed import get_tensor_model_parallel_world_size
 
@@ -291,21 +332,51 @@ class HadaquantQuantizationConfig(QuantizationConfig):
         if tp == self._checked_tp_size:
             return
         if tp not in self.config.tp_sizes:
+            rot = self.config.rotation
+            why = "row-parallel shards must hold whole packing blocks and groups"
+            if rot.r4 is not None and rot.r4_blocks % tp:
+                why = (f"the online R4 rotation has rotation.r4.blocks = {rot.r4_blocks} diagonal "
+                       f"blocks of {rot.r4_block_size} channels and each rank must hold whole "
+                       f"blocks of down_proj's input, so the TP size must divide "
+                       f"rotation.r4.blocks; re-quantize with --r4-blocks a multiple of {tp}")
             raise CheckpointFormatError(
                 f"tensor_parallel_size = {tp}: this hadaquant checkpoint can be served at "
                 f"tensor_parallel_size {self.config.tp_sizes} only (quantization_config.tp_sizes; "
-                "row-parallel shards must hold whole packing blocks and groups, and an online R4 "
-                "rotation over the whole intermediate size needs it on one rank)"
+                f"{why})"
             )
         self._checked_tp_size = tp
+
+    def _kv_cache_method(self, prefix: str, layer_kv_cache_dtype: str | None = None) -> QuantizeMethodBase | None:
+        """The packed-KV method for an attention layer, or None for a 16-bit KV cache (then R3
+        rotates Q and K by the same orthogonal matrix, the identity on QK^T: nothing to do).
+        ``layer_kv_cache_dtype``: the layer's vLLM cache dtype, one of ours where vLLM can
+        register dtype names."""
+        from hq_vllm.kv_dtype import requested_kv_bits
+
+        bits = requested_kv_bits(None, layer_kv_cache_dtype)
+        if bits is not None and bits != self.config.kv_cache.bits:
+            self.config = _with_kv_bits(self.config, bits, None)
+        if self.config.kv_cache.bits >= 16:
+            return None
+        from hq_vllm.attention import HadaquantKVCacheMethod, PackedKVSettings
+
+        # The layer's own K and V clips where the checkpoint records searched ones.
+        k_spec, v_spec = self.config.effective_kv_specs(prefix)
+        settings = PackedKVSettings.from_config(k_spec, self.config.rotation.r3, v_spec)
+        return HadaquantKVCacheMethod(self, settings, prefix)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         """Decoder linears get :class:`HadaquantLinearMethod`, or
         :class:`HadaquantUnquantizedLinearMethod` when their effective weight bits are 16;
         everything else (lm_head, embeddings, attention) is left to vLLM's defaults (None)."""
+        if self.online and isinstance(layer, LinearBase):
+            from hq_vllm.online import online_linear_method
+
+            return online_linear_method(self, prefix)
+        if isinstance(layer, Attention):
+            return self._kv_cache_method(prefix, getattr(layer, "kv_cache_dtype", None))
         if not isinstance(layer, LinearBase):
             # ParallelLMHead / VocabParallelEmbedding: unquantized (lm_head stays 16-bit).
-            # Attention: R3 without KV quantization is the identity on QK^T, nothing to do.
             return None
         self._check_tp_size()
         try:
@@ -324,9 +395,13 @@ class HadaquantQuantizationConfig(QuantizationConfig):
 
 @torch.library.custom_op("hadaquant::quantize_linear_input", mutates_args=())
 def quantize_linear_input(
-    x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool
+    x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool,
+    block_size: int = 0,
 ) -> torch.Tensor:
     """Online R4 (``rotate``) then per-token activation fake quantization, as one opaque op.
+
+    ``block_size``: the rotation is block-diagonal over the last dim, blocks of this many
+    channels (the shard-local R4, ``rotation.r4.blocks``); 0 = one block over the whole dim.
 
     Opaque on purpose: under vLLM's default ``torch.compile`` mode, dynamo would otherwise trace
     into the Hadamard construction (data-dependent checks, caches) and fail, and Inductor may
@@ -334,32 +409,43 @@ def quantize_linear_input(
     codes would no longer be the simulator's. The GPU kernels will register here the same way.
     """
     if rotate:
-        x = hadamard_transform(x)
+        x = block_hadamard_transform(x, block_size or None)
     out = fake_quantize_per_token(x, bits, clip_ratio, symmetric)
     return out.clone() if out is x else out  # a custom op's output may not alias its input
 
 
 @quantize_linear_input.register_fake
-def _(x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool) -> torch.Tensor:
+def _(x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool,
+      block_size: int = 0) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 class _OnlineInput:
-    """What happens to a linear's input before its GEMM: optional R4, then activation quant."""
+    """What happens to a linear's input before its GEMM: optional R4, then activation quant.
+
+    The R4 is shard-local: ``rotation.r4.blocks`` equal diagonal Hadamard blocks, and a
+    row-parallel rank holding input channels ``[r*K/tp, (r+1)*K/tp)`` (whole blocks when tp
+    divides ``blocks``) rotates its slice block by block, which is its part of the TP-1 rotation.
+    """
 
     def __init__(self, quant_config: HadaquantQuantizationConfig, prefix: str) -> None:
         config = quant_config.config
         self.prefix = prefix
         self.act_spec = config.effective_act_spec(prefix)
-        r4 = config.rotation.r4
-        self.r4_size: int | None = r4["size"] if (r4 and prefix.endswith("mlp.down_proj")) else None
+        rot = config.rotation
+        down = rot.r4 is not None and prefix.endswith("mlp.down_proj")
+        self.r4_size: int | None = rot.r4["size"] if down else None
+        self.r4_blocks: int = rot.r4_blocks
+        self.r4_block_size: int | None = rot.r4_block_size if down else None
 
     def check_input_size(self, input_size_per_partition: int) -> None:
-        if self.r4_size is not None and input_size_per_partition != self.r4_size:
+        if self.r4_size is not None and input_size_per_partition % self.r4_block_size:
             raise CheckpointFormatError(
-                f"{self.prefix}: the online R4 rotation (rotation.r4.size = {self.r4_size}) needs "
-                f"the whole down_proj input on one rank, but this rank holds "
-                f"{input_size_per_partition} channels"
+                f"{self.prefix}: the online R4 rotation has rotation.r4.blocks = {self.r4_blocks} "
+                f"diagonal blocks of {self.r4_block_size} channels (rotation.r4.size = "
+                f"{self.r4_size}), and this rank's {input_size_per_partition} down_proj input "
+                "channels are not whole blocks; serve at a tensor_parallel_size dividing "
+                "rotation.r4.blocks"
             )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -367,7 +453,7 @@ class _OnlineInput:
         if self.r4_size is None and a.bits == 16:
             return x
         return torch.ops.hadaquant.quantize_linear_input(
-            x, self.r4_size is not None, a.bits, a.clip_ratio, a.symmetric
+            x, self.r4_size is not None, a.bits, a.clip_ratio, a.symmetric, self.r4_block_size or 0
         )
 
 
@@ -467,11 +553,23 @@ class HadaquantLinearMethod(LinearMethodBase):
         return unpack_linear(self._tensors(layer), self.prefix, self.weight_spec,
                              layer.hq_input_size_per_partition)
 
+    def uses_packed_gemm(self, layer: torch.nn.Module) -> bool:
+        """GPU path: the packed weights on CUDA, at a bit width the Triton GEMM implements."""
+        return layer.qweight.is_cuda and self.weight_spec.bits in PACKED_GEMM_BITS
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.hq_packed_gemm = self.uses_packed_gemm(layer)
+        if layer.hq_packed_gemm:
+            return  # GPU path: the packed tensors are all the memory this layer takes
         # Torch reference path: keep the packed parameters and add the dequantized weight in
         # the activation dtype (not a parameter: nothing loads into it, it is derived).
         weight = self.dequantize_weight(layer).to(layer.params_dtype)
         layer.register_buffer("hq_weight", weight, persistent=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(layer, "hq_packed_gemm", False):
+            spec = self.weight_spec
+            qzeros = None if spec.symmetric else layer.qzeros
+            return torch.ops.hadaquant.dequant_gemm(self.online_input(x), layer.qweight, layer.scales,
+                                                    qzeros, bias, spec.bits, spec.group_size)
         return F.linear(self.online_input(x), layer.hq_weight, bias)

@@ -115,25 +115,29 @@ def _unpack_rows(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor
 
 
 def quantize_kv_to_slots(
-    key: torch.Tensor, value: torch.Tensor, bits: int, clip_ratio: float, symmetric: bool
+    key: torch.Tensor, value: torch.Tensor, bits: int, clip_ratio: float, symmetric: bool,
+    value_clip_ratio: float | None = None,
 ) -> torch.Tensor:
     """Quantize and pack ``key`` / ``value`` ``[T, H, D]`` into slots ``uint8 [T, H, slot_bytes]``.
 
     ``key`` must already be rotated by R3 (the caller owns the rotation, so this stays a pure
-    storage format); any float dtype, computed in float32.
+    storage format); any float dtype, computed in float32. ``value_clip_ratio``: V's own clip
+    (a layer's searched clips differ for K and V); None = ``clip_ratio`` for both.
     """
     if key.shape != value.shape or key.dim() != 3:
         raise ValueError(f"key and value must both be [T, H, D], got {tuple(key.shape)} and {tuple(value.shape)}")
-    if not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"clip_ratio must lie in (0, 1], got {clip_ratio!r}")
+    clips = (clip_ratio, clip_ratio if value_clip_ratio is None else value_clip_ratio)
+    for c in clips:
+        if not 0.0 < c <= 1.0:
+            raise ValueError(f"clip_ratio must lie in (0, 1], got {c!r}")
     t, h, d = key.shape
     slot = kv_slot_bytes(d, bits)
     cb = _code_bytes(d, bits)
     out = torch.zeros(t * h, slot, dtype=torch.uint8, device=key.device)
     if t == 0:
         return out.view(t, h, slot)
-    for i, x in enumerate((key, value)):
-        codes, scale, zero = _quantize_rows(x.reshape(t * h, d), bits, clip_ratio, symmetric)
+    for i, (x, clip) in enumerate(zip((key, value), clips)):
+        codes, scale, zero = _quantize_rows(x.reshape(t * h, d), bits, clip, symmetric)
         out[:, i * cb:(i + 1) * cb] = _pack_rows(codes, bits)
         out[:, 2 * cb + 2 * i:2 * cb + 2 * i + 2] = scale.view(torch.uint8).view(-1, 2)
         out[:, 2 * cb + 4 + i] = zero

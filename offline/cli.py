@@ -37,6 +37,11 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
     p.add_argument("--no-rotate", action="store_true", help="skip norm fusion and rotations (RTN baseline)")
     p.add_argument("--rotation", default="random_hadamard", choices=ROTATION_KINDS, help="R1/R2 kind")
     p.add_argument("--walsh-group", type=int, default=None, help="block size for grouped_walsh")
+    p.add_argument("--r4-blocks", type=int, default=None,
+                   help="diagonal blocks of the online R4 Hadamard (tensor parallel sizes dividing it can "
+                        "serve the checkpoint; default: up to 8, as many as the attention heads allow TP "
+                        "degrees while the online transform gets no slower, e.g. 1 for Qwen2.5-0.5B: pass 2 "
+                        "to serve it at TP 2)")
     p.add_argument("--expand-hidden", type=int, default=None, help="zero-pad the hidden size to this (dimension expansion)")
     p.add_argument("--expand-intermediate", type=int, default=None, help="zero-pad the intermediate size to this")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (-1: per channel)")
@@ -52,6 +57,18 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
     p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending diag(H) (static groups)")
     p.add_argument("--calib-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="GPTQ calibration forward pass (Hessians are float32 either way)")
+    p.add_argument("--clip-search", default="fixed", choices=["fixed", "gbs"],
+                   help="activation/KV clip ratios: fixed (--act-clip/--kv-clip) or gradual binary search "
+                        "per layer and projection on calibration text")
+    p.add_argument("--gbs-start-bits", type=int, default=None,
+                   help="GBS: bits of the quantizers not searched yet (default: the target bits; 16: unquantized)")
+    p.add_argument("--gbs-direction", default="forward", choices=["forward", "backward"],
+                   help="GBS: layers first→last (forward) or last→first (backward)")
+    p.add_argument("--gbs-sequences", type=int, default=16, help="GBS calibration windows")
+    p.add_argument("--gbs-seq-len", type=int, default=256, help="tokens per GBS calibration window")
+    p.add_argument("--gbs-rounds", type=int, default=4, help="GBS bisection rounds after the 0.25 grid")
+    p.add_argument("--gbs-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="GBS forward pass (fake quantization and loss are float32 either way)")
 
 
 def _options(args):
@@ -65,6 +82,7 @@ def _options(args):
             r1_kind=args.rotation,
             r2_kind=args.rotation,
             group_size=args.walsh_group,
+            r4_blocks=args.r4_blocks,
             expand_hidden_to=args.expand_hidden,
             expand_intermediate_to=args.expand_intermediate,
         ),
@@ -80,6 +98,13 @@ def _options(args):
         damp=args.damp,
         act_order=args.act_order,
         calib_dtype=args.calib_dtype,
+        clip_search=args.clip_search,
+        gbs_start_bits=args.gbs_start_bits,
+        gbs_direction=args.gbs_direction,
+        gbs_sequences=args.gbs_sequences,
+        gbs_seq_len=args.gbs_seq_len,
+        gbs_rounds=args.gbs_rounds,
+        gbs_dtype=args.gbs_dtype,
     )
 
 
@@ -97,7 +122,7 @@ def cmd_quantize(args) -> int:
 
     model_dir = _resolve_model(args.model)
     out = args.out_dir or (f"runs/{Path(args.model).name}-{args.recipe}{'-norot' if args.no_rotate else ''}"
-                           f"{'-gptq' if args.gptq else ''}")
+                           f"{'-gptq' if args.gptq else ''}{'-gbs' if args.clip_search == 'gbs' else ''}")
     summary = quantize_to_checkpoint(model_dir, out, _options(args), overwrite=args.overwrite)
     print(summary.render())
     if args.eval_sequences:
@@ -145,7 +170,8 @@ def cmd_eval(args) -> int:
         label = f"{Path(args.model).name} (checkpoint)"
     elif args.recipe:
         model, tokenizer, _, _ = simulated_model(model_dir, _options(args), dtype=dtype)
-        label = f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}{' gptq' if args.gptq else ''}"
+        label = (f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}{' gptq' if args.gptq else ''}"
+                 f"{' gbs' if args.clip_search == 'gbs' else ''}")
     else:
         model, tokenizer = load_model(model_dir, dtype=dtype)
         label = "FP"

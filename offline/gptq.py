@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hq_vllm.format import HadaquantConfig, WeightQuantSpec
-from hq_vllm.kernels.fwht import hadamard_transform
+from hq_vllm.kernels.fwht import block_hadamard_transform
 from hq_vllm.offline.quantize import (
     QuantizedWeight,
     dequantize_weight,
@@ -184,13 +184,14 @@ def _hessian(xs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return h.mul_(2.0 / n)
 
 
-def _down_input(mlp: nn.Module, x: torch.Tensor, r4_size: int | None) -> torch.Tensor:
-    """What down_proj's weight multiplies: act(gate)·up, then the online R4 when configured."""
+def _down_input(mlp: nn.Module, x: torch.Tensor, r4_size: int | None, r4_block: int | None = None) -> torch.Tensor:
+    """What down_proj's weight multiplies: act(gate)·up, then the online R4 when configured
+    (block-diagonal, blocks of ``r4_block`` channels; None: one block)."""
     y = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     if r4_size is not None:
         if y.shape[-1] != r4_size:
             raise ValueError(f"online R4 expects {r4_size} input channels, got {y.shape[-1]}")
-        y = hadamard_transform(y)
+        y = block_hadamard_transform(y, r4_block)
     return y
 
 
@@ -199,25 +200,28 @@ def _attention_output(attn: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.T
     return _capture_input(attn.o_proj, lambda: attn(hidden_states=x, **kwargs))
 
 
-def _staged_layer_forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, r4_size: int | None) -> torch.Tensor:
+def _staged_layer_forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, r4_size: int | None,
+                          r4_block: int | None = None) -> torch.Tensor:
     """The decoder layer as the stages GPTQ runs it (see the module docstring)."""
     attn, mlp = layer.self_attn, layer.mlp
     h = h + attn.o_proj(_attention_output(attn, layer.input_layernorm(h), kwargs))
-    return h + mlp.down_proj(_down_input(mlp, layer.post_attention_layernorm(h), r4_size))
+    return h + mlp.down_proj(_down_input(mlp, layer.post_attention_layernorm(h), r4_size, r4_block))
 
 
-def _check_staging(layer: nn.Module, h: torch.Tensor, kwargs: dict, r4_size: int | None) -> None:
+def _check_staging(layer: nn.Module, h: torch.Tensor, kwargs: dict, r4_size: int | None,
+                   r4_block: int | None = None) -> None:
     """Refuse to calibrate a layer whose forward is not the staged one (a new architecture)."""
     hook = None
     if r4_size is not None:  # the model computes R4 online, outside its own forward
-        hook = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: (hadamard_transform(a[0]), *a[1:]))
+        hook = layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a: (block_hadamard_transform(a[0], r4_block), *a[1:]))
     try:
         ref = layer(h, **kwargs)
     finally:
         if hook is not None:
             hook.remove()
     ref = ref[0] if isinstance(ref, tuple) else ref
-    got = _staged_layer_forward(layer, h, kwargs, r4_size)
+    got = _staged_layer_forward(layer, h, kwargs, r4_size, r4_block)
     if float((got - ref).norm()) > 1e-4 * float(ref.norm()):
         raise NotImplementedError(
             f"{type(layer).__name__}: the decoder layer is not the pre-norm attention + gated MLP "
@@ -259,6 +263,7 @@ def gptq_quantize_model(
         raise NotImplementedError("GPTQ calibration gives every layer the attention mask of layer 0; this model "
                                   f"mixes attention kinds {sorted(set(model.config.layer_types))}")
     r4_size = config.rotation.r4["size"] if config.rotation.r4 else None
+    r4_block = config.rotation.r4_block_size
     layers = model.model.layers
     quantized: dict[str, QuantizedWeight] = {}
 
@@ -294,7 +299,7 @@ def gptq_quantize_model(
                                  with_kwargs=True) for ids in chunks]
         hidden = [x.cpu() for x, _ in firsts]
         kwargs = [kw for _, kw in firsts]
-        _check_staging(layers[0], hidden[0].to(device), kwargs[0], r4_size)
+        _check_staging(layers[0], hidden[0].to(device), kwargs[0], r4_size, r4_block)
 
         for i, layer in enumerate(tqdm(layers, desc="gptq", unit="layer", disable=not progress)):
             prefix, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
@@ -308,7 +313,7 @@ def gptq_quantize_model(
             del ctx
             x = each(layer.post_attention_layernorm, hidden)
             quantize_group(prefix, {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}, x)
-            x = each(lambda m: _down_input(mlp, m, r4_size), x)
+            x = each(lambda m: _down_input(mlp, m, r4_size, r4_block), x)
             quantize_group(prefix, {"mlp.down_proj": mlp.down_proj}, x)
             hidden = each(lambda h, d: h + mlp.down_proj(d), hidden, x)
             del x

@@ -26,6 +26,7 @@ from hq_vllm.format import (
     pack_linear,
     unpack_linear,
 )
+from hq_vllm.offline.calibrate import ClipSearch, begin_clip_search, check_clip_search_options, clip_search_record
 from hq_vllm.offline.checkpoint import read_checkpoint_config, write_checkpoint
 from hq_vllm.offline.data import calibration_batches
 from hq_vllm.offline.gptq import gptq_quantize_model
@@ -91,6 +92,15 @@ class QuantizeOptions:
     damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
     act_order: bool = False  # GPTQ columns by descending diag(H) (groups stay static)
     calib_dtype: str = "bfloat16"  # GPTQ calibration forward (Hessians are float32): "bfloat16" | "float32"
+    # Activation/KV clip ratios: "fixed" (the recipe's, or act_clip/kv_clip) or "gbs" (gradual
+    # binary search per layer and projection, offline/calibrate.py).
+    clip_search: str = "fixed"
+    gbs_start_bits: int | None = None  # not-yet-visited quantizers: None = target bits, 16 = unquantized
+    gbs_direction: str = "forward"  # "forward" (first→last layer) | "backward" (last→first)
+    gbs_sequences: int = 16  # calibration windows of the search (BoolQ text disjoint from evaluation)
+    gbs_seq_len: int = 256
+    gbs_rounds: int = 4  # bisection rounds after the coarse grid (resolution 0.25 / 2**rounds)
+    gbs_dtype: str = "bfloat16"  # the search's linears/attention (fake quant and loss stay float32)
 
     def __post_init__(self) -> None:
         if self.weight_method not in WEIGHT_METHODS:
@@ -99,6 +109,7 @@ class QuantizeOptions:
             raise ValueError("GPTQ needs calib_sequences > 0, calib_seq_len > 1 and damp >= 0")
         if self.calib_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"calib_dtype must be 'bfloat16' or 'float32', got {self.calib_dtype!r}")
+        check_clip_search_options(self)
 
     def resolved_recipe(self) -> Recipe:
         if self.recipe not in RECIPES:
@@ -139,8 +150,9 @@ def supported_tp_sizes(hf_config: dict, rotation: RotationSpec, weight: WeightQu
 
     Attention heads must split evenly; the row-parallel linears (o_proj, down_proj) are split along
     their input, so each shard must hold whole packing blocks (32 channels) and whole groups; and
-    an online R4 must be shard-local: a full-size Hadamard over the intermediate dimension needs
-    every shard's activations, so it pins TP to 1.
+    an online R4 must be shard-local: it is block-diagonal with ``rotation.r4.blocks`` blocks, and
+    a rank's slice of the intermediate dimension is a union of whole blocks only when TP divides
+    ``blocks`` (one block over the whole size needs every shard's activations: TP 1 only).
     """
     heads, inter = hf_config["num_attention_heads"], hf_config["intermediate_size"]
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
@@ -151,7 +163,7 @@ def supported_tp_sizes(hf_config: dict, rotation: RotationSpec, weight: WeightQu
             continue
         if weight.bits < 16 and tp > 1 and any((k // tp) % block for k in (heads * head_dim, inter)):
             continue
-        if rotation.r4 is not None and rotation.r4["size"] > inter // tp:
+        if rotation.r4 is not None and rotation.r4_blocks % tp:
             continue
         sizes.append(tp)
     return sizes
@@ -177,6 +189,7 @@ def calibration_record(options: QuantizeOptions) -> dict:
         record.update(dataset="boolq-calibration", n_samples=options.calib_sequences,
                       seq_len=options.calib_seq_len, damp=options.damp, act_order=options.act_order,
                       static_groups=True, block_size=GPTQ_BLOCK_SIZE, dtype=options.calib_dtype)
+    record.update(clip_search_record(options))
     return record
 
 
@@ -189,6 +202,7 @@ class PreparedModel:
     config: HadaquantConfig
     hf_config: dict
     seconds: float
+    clip_search: ClipSearch | None = None  # set by quantize_model_weights with clip_search="gbs"
 
 
 def prepare_model(model_dir: str | Path, options: QuantizeOptions, *, device: str | torch.device = "cpu",
@@ -265,7 +279,13 @@ def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: boo
 
 def quantize_model_weights(prepared: PreparedModel, options: QuantizeOptions, *, progress: bool = True,
                            pack: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """The weight step of the pipeline: GPTQ on calibration text or RTN, then :func:`quantize_linears`."""
+    """The weight step of the pipeline: GPTQ on calibration text or RTN, then :func:`quantize_linears`.
+
+    With ``options.clip_search == "gbs"`` the activation/KV clip search runs around it
+    (offline/calibrate.py): the full-precision layer outputs are recorded first, the search runs
+    on the quantized weights, and ``prepared.config`` / ``prepared.clip_search`` get the result.
+    """
+    search = begin_clip_search(prepared.model, prepared.config, prepared.tokenizer, options, progress=progress)
     quantized = None
     if options.weight_method == "gptq" and any(
         prepared.config.effective_weight_spec(name).bits < 16 for name in decoder_linears(prepared.model)
@@ -274,7 +294,10 @@ def quantize_model_weights(prepared: PreparedModel, options: QuantizeOptions, *,
         quantized = gptq_quantize_model(prepared.model, prepared.config, calib, damp=options.damp,
                                         block_size=GPTQ_BLOCK_SIZE, act_order=options.act_order,
                                         compute_dtype=getattr(torch, options.calib_dtype), progress=progress)
-    return quantize_linears(prepared.model, prepared.config, progress=progress, pack=pack, quantized=quantized)
+    packed = quantize_linears(prepared.model, prepared.config, progress=progress, pack=pack, quantized=quantized)
+    if search is not None:
+        prepared.config, prepared.clip_search = search.finish(prepared.model, prepared.config)
+    return packed
 
 
 def checkpoint_state_dict(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -305,18 +328,22 @@ class QuantizeSummary:
     checkpoint_bytes: int
     seconds: float
     weight_method: str = "rtn"
+    clip_search: ClipSearch | None = None
 
     def render(self) -> str:
         w = self.weight
         group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
-        return "\n".join([
+        lines = [
             f"wrote {self.out_dir}",
             f"  recipe        {self.recipe} ({'rotated' if self.rotated else 'no rotation'})",
             f"  weights       {w.bits}-bit {'sym' if w.symmetric else 'asym'} {group}, {self.weight_method.upper()}{' + MSE clip' if w.mse_clip else ''}",
             f"  linears       {self.num_quantized} quantized",
             f"  size          {self.checkpoint_bytes / 2**20:.1f} MiB",
             f"  time          {self.seconds:.1f} s",
-        ])
+        ]
+        if self.clip_search is not None:
+            lines += [f"  clips         {self.clip_search.describe()}", self.clip_search.table()]
+        return "\n".join(lines)
 
 
 def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: QuantizeOptions, *, overwrite: bool = False, progress: bool = True) -> QuantizeSummary:
@@ -336,7 +363,7 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
                      linears=linears)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return QuantizeSummary(out, prepared.config.recipe, options.rotate, prepared.config.weight, len(packed), size,
-                           time.perf_counter() - start, options.weight_method)
+                           time.perf_counter() - start, options.weight_method, prepared.clip_search)
 
 
 def simulated_model(model_dir: str | Path, options: QuantizeOptions, *, progress: bool = True,

@@ -1,7 +1,10 @@
 """Quantizers: weight grids (RTN, with MSE clip search) and activation / KV fake quantization.
 
 GPTQ reuses the grid functions here (:func:`weight_qparams`, :func:`quantize_with_qparams`,
-:func:`dequantize_with_qparams`) on column blocks, so RTN and GPTQ weights share one grid.
+:func:`dequantize_with_qparams`) on column blocks, so RTN and GPTQ weights share one grid. The
+weight grid itself is implemented in ``hq_vllm.kernels.quant`` (plain torch, re-exported here),
+because the vLLM plugin quantizes plain Hugging Face models at load time with the same grid and
+may not import this package.
 
 Conventions (these are the contract with the checkpoint format and the vLLM kernels)
 -----------------------------------------------------------------------------------
@@ -53,6 +56,17 @@ from dataclasses import dataclass
 import torch
 
 from hq_vllm.format import ACT_BITS, WeightQuantSpec
+from hq_vllm.kernels.quant import (
+    DEFAULT_CLIP_GRID,
+    FP16_MAX,
+    MSE_NORM,
+    dequantize_with_qparams,
+    fp16_scale,
+    quantize_with_qparams,
+    rtn_dequantize,
+    rtn_quantize,
+    weight_qparams,
+)
 
 __all__ = [
     "DEFAULT_CLIP_GRID",
@@ -69,17 +83,6 @@ __all__ = [
     "weight_qparams",
 ]
 
-#: Shrink factors tried by the MSE clip search: 1.00 down to 0.50 in steps of 0.025. GPTQ's
-#: default grid is 80 points down to 0.21; at 3-4 bits the best shrink lies well above 0.5, and a
-#: quarter of the passes keeps RTN of a 135M model within seconds on a 2-core CPU.
-DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(1.0 - i / 40 for i in range(21))
-#: Exponent of the clip-search error (GPTQ's default).
-MSE_NORM = 2.4
-
-_FP16_MIN_SCALE = 2.0**-24
-_FP16_MAX = 65504.0
-_ROWS_PER_CHUNK_ELEMS = 1 << 22  # bounds the clip search's temporaries (~16 MB per buffer)
-
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -92,111 +95,8 @@ class QuantizedWeight:
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight grid
+# Weights: the grid core is hq_vllm.kernels.quant (shared with the plugin's load-time RTN)
 # ---------------------------------------------------------------------------------------------
-
-
-def _fp16_scale(scale: torch.Tensor, round_up: bool) -> torch.Tensor:
-    """Clamp to float16's range and convert to float16 (rounding up, or to nearest), returned as
-    float32: the value that will be stored, so codes are computed against it."""
-    if bool((scale > _FP16_MAX).any()):
-        raise ValueError(
-            f"a quantization scale of {float(scale.max()):.4g} exceeds float16's range "
-            f"({_FP16_MAX}); the weights are not a sane model's"
-        )
-    scale = scale.clamp(min=_FP16_MIN_SCALE)
-    s16 = scale.to(torch.float16)
-    if round_up:
-        up = (s16.view(torch.int16) + 1).view(torch.float16)  # next float16 up (s16 > 0, finite)
-        s16 = torch.where(s16.to(torch.float32) < scale, up, s16)
-    return s16.to(torch.float32)
-
-
-def _grid(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) float32 from the (already clipped) range ``[lo, hi]``; see module docstring."""
-    if symmetric:
-        scale = _fp16_scale(torch.maximum(lo.abs(), hi.abs()) / (2 ** (bits - 1) - 1), round_up=True)
-        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
-    maxq = 2**bits - 1
-    scale = _fp16_scale((hi - lo) / maxq, round_up=True)
-    zero = torch.round(-lo / scale).clamp(0, maxq)
-    return scale, zero
-
-
-def quantize_with_qparams(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Codes ``c = clamp(round(w / s) + z, 0, 2**bits - 1)`` as float32 (broadcasting)."""
-    return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
-
-
-def dequantize_with_qparams(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> torch.Tensor:
-    """``(c - z) * s`` in float32 (broadcasting)."""
-    return (codes.to(torch.float32) - zero) * scale
-
-
-def weight_qparams(
-    w: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    mse_clip: bool,
-    clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
-    norm: float = MSE_NORM,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid for each row of ``w[..., G]`` (each row is one quantization group).
-
-    Returns float32 ``(scale, zero)`` of shape ``w.shape[:-1]``; scales are float16-exact.
-    With ``mse_clip`` the shrink factor is searched over ``clip_grid`` per row (vectorized over
-    rows, one pass per grid point).
-    """
-    if not 2 <= bits <= 8:
-        raise ValueError(f"weight bits must be in 2..8 to quantize, got {bits}")
-    w = w.to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weights contain NaN or inf; refusing to quantize them")
-    if symmetric:
-        lo, hi = w.amin(-1), w.amax(-1)
-    else:
-        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-    if not mse_clip:
-        return _grid(lo, hi, bits, symmetric)
-    grid = [float(p) for p in clip_grid]
-    if not grid or not all(0.0 < p <= 1.0 for p in grid):
-        raise ValueError(f"clip_grid must be non-empty with values in (0, 1], got {clip_grid!r}")
-    buf = torch.empty_like(w)
-    best_err = best_scale = best_zero = None
-    for p in grid:
-        scale, zero = _grid(p * lo, p * hi, bits, symmetric)
-        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        # quantize -> dequantize -> |error|^norm, in place in one buffer (the search is the
-        # costly part of RTN: one pass per grid point)
-        torch.div(w, s, out=buf).round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s)
-        buf.sub_(w).abs_()
-        err = (buf.square_() if norm == 2 else buf.pow_(norm)).sum(-1)
-        if best_err is None:  # p = grid[0]
-            best_err, best_scale, best_zero = err, scale, zero
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
-
-
-def _grouped(w: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
-    if w.dim() != 2:
-        raise ValueError(f"a linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
-    n, k = w.shape
-    g = k if spec.group_size == -1 else spec.group_size
-    if k % g:
-        raise ValueError(
-            f"weight shape [N={n}, K={k}]: K is not a multiple of group_size {spec.group_size}"
-        )
-    return w.reshape(n, k // g, g)
 
 
 def quantize_weight(
@@ -205,36 +105,18 @@ def quantize_weight(
     clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
     norm: float = MSE_NORM,
 ) -> QuantizedWeight:
-    """Round-to-nearest quantization of a linear weight ``[N, K]`` on the spec's grid."""
+    """Round-to-nearest quantization of a linear weight ``[N, K]`` on the spec's grid
+    (:func:`hq_vllm.kernels.quant.rtn_quantize`, which the vLLM plugin's load-time RTN uses too)."""
     if spec.bits == 16:
         raise ValueError("spec.bits is 16: the weight stays unquantized, there is nothing to quantize")
-    wg = _grouped(w, spec).to(torch.float32)
-    n, g, gs = wg.shape
-    rows = max(1, _ROWS_PER_CHUNK_ELEMS // (g * gs))
-    scales, zeros, codes = [], [], []
-    for chunk in torch.split(wg, rows, dim=0):
-        s, z = weight_qparams(chunk, spec.bits, spec.symmetric, spec.mse_clip, clip_grid, norm)
-        codes.append(quantize_with_qparams(chunk, s.unsqueeze(-1), z.unsqueeze(-1), spec.bits))
-        scales.append(s)
-        zeros.append(z)
-    return QuantizedWeight(
-        codes=torch.cat(codes).reshape(n, g * gs).to(torch.uint8),
-        scales=torch.cat(scales).to(torch.float16),
-        zeros=None if spec.symmetric else torch.cat(zeros).to(torch.uint8),
-    )
+    codes, scales, zeros = rtn_quantize(w, spec.bits, spec.group_size, spec.symmetric,
+                                        spec.mse_clip, clip_grid, norm)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros)
 
 
 def dequantize_weight(qw: QuantizedWeight, spec: WeightQuantSpec) -> torch.Tensor:
     """Float32 ``[N, K]`` weight ``(c - z) * s``: the same operations as ``format.unpack_linear``."""
-    n, k = qw.codes.shape
-    scale = qw.scales.to(torch.float32)
-    g = scale.shape[1]
-    if qw.zeros is None:
-        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
-    else:
-        zero = qw.zeros.to(torch.float32)
-    w = (qw.codes.to(torch.float32).view(n, g, k // g) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-    return w.view(n, k)
+    return rtn_dequantize(qw.codes, qw.scales, qw.zeros, spec.bits)
 
 
 def fake_quantize_weight(
@@ -264,28 +146,32 @@ def _check_act(bits: int, clip_ratio: float) -> None:
 def _act_scale(scale: torch.Tensor, fp16: bool) -> torch.Tensor:
     """KV: the float16 value the cache stores; activations: float32, zero rows guarded."""
     if fp16:  # saturate rather than fail: one huge K row must not stop a forward pass
-        return _fp16_scale(scale.clamp(max=_FP16_MAX), round_up=False)
+        return fp16_scale(scale.clamp(max=FP16_MAX), round_up=False)
     return scale.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _fake_quantize_last_dim(
     x: torch.Tensor, bits: int, clip_ratio: float, symmetric: bool, fp16_scale: bool
 ) -> torch.Tensor:
+    # In-place after the one division: the same float32 operations in the same order as
+    # round(x / s).clamp(...) * s, without a fresh full-size tensor per step (the clip search
+    # runs this on many candidates at once).
     xf = x.to(torch.float32)
+    hi, lo = xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True)
     if symmetric:
         maxq = 2 ** (bits - 1) - 1
-        scale = clip_ratio * xf.abs().amax(-1, keepdim=True) / maxq
+        scale = clip_ratio * torch.maximum(hi, -lo) / maxq  # = absmax
         scale = _act_scale(scale, fp16_scale)
-        q = torch.round(xf / scale).clamp(-maxq - 1, maxq)
-        return (q * scale).to(x.dtype)
+        q = xf / scale
+        return q.round_().clamp_(-maxq - 1, maxq).mul_(scale).to(x.dtype)
     maxq = 2**bits - 1
-    lo = clip_ratio * xf.amin(-1, keepdim=True).clamp(max=0)
-    hi = clip_ratio * xf.amax(-1, keepdim=True).clamp(min=0)
+    lo = clip_ratio * lo.clamp(max=0)
+    hi = clip_ratio * hi.clamp(min=0)
     scale = (hi - lo) / maxq
     scale = _act_scale(scale, fp16_scale)
     zero = torch.round(-lo / scale).clamp(0, maxq)
-    c = (torch.round(xf / scale) + zero).clamp(0, maxq)
-    return ((c - zero) * scale).to(x.dtype)
+    c = xf / scale
+    return c.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale).to(x.dtype)
 
 
 def fake_quantize_per_token(
@@ -309,3 +195,19 @@ def fake_quantize_kv(
     if bits == 16:
         return x
     return _fake_quantize_last_dim(x, bits, clip_ratio, symmetric, fp16_scale=True)
+
+
+def fake_quantize_candidates(
+    x: torch.Tensor, bits: int, clip_ratios: torch.Tensor, symmetric: bool, *, kv: bool = False
+) -> torch.Tensor:
+    """One quantize-dequantize of ``x [...]`` per candidate clip ratio, stacked as ``[C, ...]``:
+    bit for bit :func:`fake_quantize_kv` (``kv=True``) or :func:`fake_quantize_per_token` at each
+    clip, in one broadcast pass (the clip search evaluates many clips at once)."""
+    clips = [float(c) for c in clip_ratios.reshape(-1).tolist()]
+    for c in clips:
+        _check_act(bits, c)
+    if bits == 16:
+        return x.unsqueeze(0).expand(len(clips), *x.shape)
+    # float32 like the scalar path, whose Python float is rounded to float32 when it meets xf
+    clip = torch.tensor(clips, dtype=torch.float32, device=x.device).view(-1, *([1] * x.dim()))
+    return _fake_quantize_last_dim(x.unsqueeze(0), bits, clip, symmetric, fp16_scale=kv)

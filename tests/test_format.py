@@ -44,7 +44,7 @@ EXAMPLE = {
         "r1": {"kind": "random_hadamard", "seed": 0, "size": 896},
         "r2": {"kind": "hadamard", "size": 64},
         "r3": {"kind": "hadamard", "size": 64, "factor_k": 1},
-        "r4": {"kind": "hadamard", "size": 4864, "factor_k": 76},
+        "r4": {"kind": "hadamard", "size": 4864, "factor_k": 76, "blocks": 2},
         "expanded_hidden_size": None,
         "expanded_intermediate_size": None,
         "original_hidden_size": None,
@@ -122,6 +122,13 @@ BAD = [
     (("rotation", "r4", "factor_k"), 3, ["r4.factor_k", "3"]),
     (("rotation", "r4", "factor_k"), _DELETE, ["r4", "factor_k"]),
     (("rotation", "r4", "extra"), 1, ["r4.extra", "unknown key"]),
+    (("rotation", "r4", "blocks"), 3, ["rotation.r4.blocks = 3", "divisor of size 4864"]),
+    (("rotation", "r4", "blocks"), 0, ["rotation.r4.blocks = 0"]),
+    (("rotation", "r4", "blocks"), 2.0, ["rotation.r4.blocks = 2.0", "integer"]),
+    (("rotation", "r4", "blocks"), 256, ["r4.factor_k = 76", "size / blocks = 4864 / 256"]),
+    (("rotation", "r4", "blocks"), 1, ["tp_sizes = [1, 2]", "2 does not divide rotation.r4.blocks = 1"]),
+    (("rotation", "r4", "blocks"), _DELETE, ["tp_sizes", "rotation.r4.blocks = 1"]),
+    (("tp_sizes",), [1, 2, 4], ["tp_sizes", "4 does not divide rotation.r4.blocks = 2"]),
     (("rotation", "expanded_hidden_size"), 1024, ["expanded_hidden_size", "1024"]),
     (("rotation", "r9"), None, ["rotation", "unknown key", "r9"]),
     (("rotation", "original_hidden_size"), 800, ["original_hidden_size", "800", "expanded_hidden_size"]),
@@ -151,6 +158,27 @@ def test_bad_config_names_the_culprit(path, value, needles):
     msg = str(info.value)
     for needle in needles:
         assert needle in msg, (needle, msg)
+
+
+def test_r4_blocks_default_and_canonical_form():
+    """``rotation.r4.blocks`` is optional (format version 1 files without it mean one block) and
+    written only when above 1; ``factor_k`` describes one block."""
+    one = {"kind": "hadamard", "size": 1536, "factor_k": 12}
+    spec = RotationSpec(r4=one)
+    assert (spec.r4, spec.r4_blocks, spec.r4_block_size) == (one, 1, 1536)
+    assert RotationSpec(r4={**one, "blocks": 1}).r4 == one  # the default is not written
+    two = RotationSpec(r4={**one, "blocks": 2})
+    assert (two.r4["blocks"], two.r4_blocks, two.r4_block_size) == (2, 2, 768)  # 768 = 12 * 64
+    assert RotationSpec(r4={**one, "blocks": 3, "factor_k": 1}).r4_block_size == 512  # H_512 blocks
+    assert (RotationSpec().r4_blocks, RotationSpec().r4_block_size) == (1, None)
+    assert HadaquantConfig(rotation=two, tp_sizes=[2, 1]).tp_sizes == [1, 2]
+    with pytest.raises(CheckpointFormatError, match=r"tp_sizes = \[1, 2, 4\].*rotation\.r4\.blocks = 2"):
+        HadaquantConfig(rotation=two, tp_sizes=[1, 2, 4])
+    assert HadaquantConfig(tp_sizes=[1, 2, 4]).tp_sizes == [1, 2, 4]  # no R4: no block constraint
+    old = copy.deepcopy(EXAMPLE)
+    del old["rotation"]["r4"]["blocks"]
+    old["tp_sizes"] = [1]
+    assert HadaquantConfig.from_dict(old).to_dict() == old  # a file without the key round-trips
 
 
 def test_qkv_disagreement_names_the_odd_one_out():

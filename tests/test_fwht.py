@@ -196,3 +196,21 @@ def test_interpreter_independent_of_import_order():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("n, block", [(1536, 768), (4864, 2432), (128, 32)])
+def test_block_transform_is_block_diagonal(n, block, interpreter):
+    """The shard-local R4: equal diagonal blocks, each the block size's Hadamard; a rank's
+    slice of whole blocks transforms to its slice of the whole transform."""
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    h = hadamard_matrix(block, torch.float64) / math.sqrt(block)
+    dense = x @ torch.block_diag(*[h] * (n // block))
+    got = fwht.block_hadamard_transform(x.float(), block).double()
+    assert float((got - dense).abs().max()) < 1e-5
+    half = n // 2
+    assert torch.allclose(fwht.block_hadamard_transform(x.float()[:, half:], block).double(), dense[:, half:],
+                          atol=1e-5)
+    assert torch.equal(fwht.block_hadamard_transform(x.float(), n), hadamard_transform(x.float()))
+    assert torch.equal(fwht.block_hadamard_transform(x.float()), hadamard_transform(x.float()))
+    with pytest.raises(ValueError, match="does not divide the last dimension"):
+        fwht.block_hadamard_transform(x.float(), block + 4)

@@ -193,7 +193,50 @@ def test_supported_tp_sizes():
     assert supported_tp_sizes(qwen, RotationSpec(), w3g64) == [1, 2]
     r4 = RotationSpec(r4={"kind": "hadamard", "size": 4864, "factor_k": 76})
     assert supported_tp_sizes(qwen, r4, w3g64) == [1]  # a full-size online R4 needs every shard
+    r4x2 = RotationSpec(r4={"kind": "hadamard", "size": 4864, "factor_k": 76, "blocks": 2})
+    assert supported_tp_sizes(qwen, r4x2, w3g64) == [1, 2]  # shard-local: 2 blocks of 2432 = 76·32
+    r4x4 = RotationSpec(r4={"kind": "hadamard", "size": 4864, "factor_k": 76, "blocks": 4})
+    assert supported_tp_sizes(qwen, r4x4, w3g64) == [1, 2]  # 14 heads: no TP 4 anyway
+    assert supported_tp_sizes(qwen, r4x2, w3) == [1]  # blocks do not lift the group rule
+    llama8b = {"num_attention_heads": 32, "hidden_size": 4096, "intermediate_size": 14336}
+    r4x8 = RotationSpec(r4={"kind": "hadamard", "size": 14336, "factor_k": 28, "blocks": 8})
+    assert supported_tp_sizes(llama8b, r4x8, w3) == [1, 2, 4, 8]
     smollm2 = {"num_attention_heads": 9, "hidden_size": 576, "intermediate_size": 1536}
     assert supported_tp_sizes(smollm2, RotationSpec(), WeightQuantSpec(bits=4, group_size=64)) == [1]
     llama7b = {"num_attention_heads": 32, "hidden_size": 4096, "intermediate_size": 11008}
     assert supported_tp_sizes(llama7b, RotationSpec(), w3) == [1, 2]  # 11008 / 4 = 2752 = 21.5 groups
+
+
+@pytest.mark.parametrize("r4_blocks, tp_sizes", [(None, [1, 2]), (1, [1]), (2, [1, 2]), (4, [1, 2])])
+def test_r4_blocks_recorded_with_tp_sizes(tiny_dirs, tmp_path, r4_blocks, tp_sizes):
+    """The shard-local R4 reaches the checkpoint: ``rotation.r4.blocks`` and the TP sizes it
+    allows (the tiny llama: 4 heads, I = 128, o_proj K = 64, group 32: TP 4 fails the packing
+    rule whatever the blocks); the checkpoint read back is the in-memory simulation."""
+    options = QuantizeOptions(recipe="w4a16", group_size=32, rotation=RotationOptions(r4_blocks=r4_blocks))
+    quantize_to_checkpoint(tiny_dirs["llama"], tmp_path / "ckpt", options, progress=False)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    blocks = 2 if r4_blocks is None else r4_blocks  # default: 128 = 2 x 64 (4 x 32 would be slower)
+    expected = {"kind": "hadamard", "size": 128, "factor_k": 1, **({"blocks": blocks} if blocks > 1 else {})}
+    assert qc["rotation"]["r4"] == expected
+    assert qc["tp_sizes"] == tp_sizes
+    from_ckpt, _, _, _ = load_checkpoint_simulated(tmp_path / "ckpt")
+    in_memory, _, _, _ = simulated_model(tiny_dirs["llama"], options, progress=False)
+    with torch.no_grad():
+        a, b = from_ckpt(input_ids=ids()).logits, in_memory(input_ids=ids()).logits
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+def test_cli_r4_blocks(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(out), "--recipe", "w4a16", "--group-size", "32",
+                     "--r4-blocks", "2", "--seed", "3"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["rotation"]["r4"]["blocks"] == 2 and qc["tp_sizes"] == [1, 2]
+    again = tmp_path / "again"
+    assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(again), "--recipe", "w4a16", "--group-size", "32",
+                     "--r4-blocks", "2", "--seed", "3"]) == 0
+    assert tree_digest(out) == tree_digest(again)  # same seed, same bytes
+    capsys.readouterr()
+    assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(tmp_path / "bad"), "--recipe", "w4a16",
+                     "--r4-blocks", "3"]) == 2
+    assert "r4_blocks = 3" in capsys.readouterr().err

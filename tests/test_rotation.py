@@ -11,10 +11,12 @@ import torch
 from hq_vllm.format import ActQuantSpec, HadaquantConfig, KVCacheSpec, RotationSpec, WeightQuantSpec
 from hq_vllm.offline.rotation import (
     RotationOptions,
+    default_r4_blocks,
     expand_hidden_size,
     expand_intermediate_size,
     fuse_rmsnorms_into_linears,
     head_dim_of,
+    resolve_r4_blocks,
     rotate_model,
 )
 from hq_vllm.offline.simulate import attach_simulation
@@ -73,6 +75,60 @@ def test_rotated_model_matches_original(arch, kind):
     assert rel_err(logits(model, ids), ref) > 1e-2
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_block_diagonal_r4_matches_original(arch, blocks):
+    """Shard-local R4: ``blocks`` diagonal Hadamard blocks (128 = 2 x 64 or 4 x 32) fused into
+    down_proj and applied online by the simulator give the original logits; the
+    fused matrix really is block-diagonal (an online R4 over the whole size does not undo it)."""
+    model = tiny_model(arch, intermediate=128)
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    applied = rotate_model(model, RotationOptions(seed=5, r4_blocks=blocks))
+    assert applied.r4 == {"kind": "hadamard", "size": 128, "factor_k": 1, "blocks": blocks}
+    sim = attach_simulation(model, online_only_config(applied.r4, head_dim_of(model.config)))
+    out = logits(model, ids)
+    sim.detach()
+    assert rel_err(out, ref) < TOL
+    one_block = {k: v for k, v in applied.r4.items() if k != "blocks"}
+    sim = attach_simulation(model, online_only_config(one_block, head_dim_of(model.config)))
+    wrong = logits(model, ids)
+    sim.detach()
+    assert rel_err(wrong, ref) > 1e-2
+
+
+def test_block_diagonal_r4_with_a_paley_block():
+    """Non-power-of-two blocks: I = 192 = 2 blocks of 96 = H_12 ⊗ H_8 (factor_k describes one
+    block)."""
+    model = tiny_model("qwen2", intermediate=192)
+    ids = random_ids(model.config.vocab_size)
+    ref = logits(model, ids)
+    applied = rotate_model(model, RotationOptions(r4_blocks=2))
+    assert applied.r4 == {"kind": "hadamard", "size": 192, "factor_k": 12, "blocks": 2}
+    sim = attach_simulation(model, online_only_config(applied.r4, head_dim_of(model.config)))
+    assert rel_err(logits(model, ids), ref) < TOL
+    sim.detach()
+
+
+def test_r4_blocks_default_and_errors():
+    # the default: as many blocks as TP degrees the heads allow (<= 8) while a block's
+    # power-of-two part stays >= 64 (the online transform's kernel gets no slower)
+    assert default_r4_blocks(1536, 9) == 1  # SmolLM2: 9 heads, TP 1 only
+    assert default_r4_blocks(4864, 14) == 1  # Qwen2.5-0.5B: 2 x 76·32 would slow the transform
+    assert default_r4_blocks(11008, 32) == 1  # LLaMA-2-7B: 172·64, likewise
+    assert default_r4_blocks(14336, 32) == 8  # Llama-3-8B: 8 x 28·64
+    assert default_r4_blocks(18944, 28) == 2  # Qwen2.5-7B: 2 x 148·64 (28 heads: no TP 8)
+    assert default_r4_blocks(128, 4) == 2 and default_r4_blocks(96, 4) == 1
+    assert resolve_r4_blocks(4864, 14, None) == 1 and resolve_r4_blocks(4864, 14, 2) == 2
+    with pytest.raises(ValueError, match=r"r4_blocks = 3: .*4864.*1, 2, 4, 8, 16, 19"):
+        resolve_r4_blocks(4864, 14, 3)
+    with pytest.raises(ValueError, match="r4_blocks must be a positive integer"):
+        resolve_r4_blocks(4864, 14, 0)
+    model = tiny_model("llama", intermediate=96)
+    with pytest.raises(ValueError, match="r4_blocks = 5"):
+        rotate_model(model, RotationOptions(r4_blocks=5))
+
+
 def test_rotation_changes_weights_and_is_seeded():
     a, b, c = (tiny_model("llama") for _ in range(3))
     rotate_model(a, RotationOptions(seed=1))
@@ -122,7 +178,7 @@ def test_r3_online_leaves_attention_unchanged():
     sim.detach()
 
 
-def _real_model_equivalence(model_dir, expect_tied: bool, expect_bias: bool):
+def _real_model_equivalence(model_dir, expect_tied: bool, expect_bias: bool, r4_blocks: int | None = None):
     from hq_vllm.offline.model_io import load_model
 
     model, tok = load_model(model_dir, dtype=torch.float32)
@@ -131,16 +187,25 @@ def _real_model_equivalence(model_dir, expect_tied: bool, expect_bias: bool):
     ids = tok(["The tower is 324 metres tall, about the same height", "def fibonacci(n):\n    return"],
               return_tensors="pt", padding=True).input_ids
     ref = logits(model, ids)
-    applied = rotate_model(model, RotationOptions(seed=0))
+    applied = rotate_model(model, RotationOptions(seed=0, r4_blocks=r4_blocks))
+    if r4_blocks is not None:
+        assert applied.r4.get("blocks", 1) == r4_blocks
     sim = attach_simulation(model, online_only_config(applied.r4, head_dim_of(model.config)))
     out = logits(model, ids)
     sim.detach()
     assert rel_err(out, ref) < TOL
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    return applied
 
 
 def test_real_smollm2_rotation_equivalence(smollm2_dir):
     _real_model_equivalence(smollm2_dir, expect_tied=True, expect_bias=False)
+
+
+def test_real_smollm2_block_diagonal_r4_equivalence(smollm2_dir):
+    """I = 1536 as 2 blocks of 768 = H_12 ⊗ H_64: what a TP-2 rank rotates on its own."""
+    applied = _real_model_equivalence(smollm2_dir, expect_tied=True, expect_bias=False, r4_blocks=2)
+    assert applied.r4 == {"kind": "hadamard", "size": 1536, "factor_k": 12, "blocks": 2}
 
 
 def test_real_qwen_rotation_equivalence(qwen_dir):

@@ -98,7 +98,7 @@ def test_from_config_parses(registered):
         ({"format_version": 99}, r"quantization_config\.format_version = 99: .*upgrade hadaquant"),
         ({"weight": {"bits": 9}}, r"quantization_config\.weight\.bits = 9: out of range"),
         ({"activation": {"clip_ratio": 1.5}}, r"quantization_config\.activation\.clip_ratio = 1\.5"),
-        ({"kv_cache": {"bits": 4}}, r"kv_cache\.bits = 4: KV-cache quantization is not implemented"),
+        ({"kv_cache": {"bits": 9}}, r"quantization_config\.kv_cache\.bits = 9: out of range"),
         ({"bogus": 1}, r"unknown key 'bogus'"),
     ],
 )
@@ -107,10 +107,94 @@ def test_from_config_errors_name_the_culprit(registered, changes, message):
         registered.HadaquantQuantizationConfig.from_config(_qc_dict(**changes))
 
 
-def test_plain_model_with_quantization_flag_is_a_clear_error(registered):
-    """vLLM builds ``cls()`` for ``--quantization hadaquant`` on a model without our config."""
-    with pytest.raises(CheckpointFormatError, match="needs a hadaquant checkpoint"):
-        registered.HadaquantQuantizationConfig()
+def test_plain_model_with_quantization_flag_is_served_online(registered):
+    """vLLM builds ``cls()`` for ``--quantization hadaquant`` on a model without our config:
+    an online config (load-time RTN, hq_vllm/online.py; tested in test_vllm_online.py)."""
+    qc = registered.HadaquantQuantizationConfig()
+    assert qc.online and qc.config.weight.bits == 4
+    assert not registered.HadaquantQuantizationConfig.from_config(_qc_dict()).online
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8, 16])
+def test_attention_layers_get_the_packed_kv_method_below_16_bits(registered, bits):
+    qc = registered.HadaquantQuantizationConfig.from_config(
+        _qc_dict(kv_cache={"bits": bits, "clip_ratio": 0.95, "symmetric": False}))
+    method = qc._kv_cache_method("model.layers.0.self_attn.attn")
+    if bits == 16:
+        assert method is None  # R3 alone is the identity on QK^T: vLLM's own attention
+        return
+    from hq_vllm.attention import HadaquantKVCacheMethod
+
+    assert isinstance(method, HadaquantKVCacheMethod)
+    assert (method.settings.bits, method.settings.clip_ratio, method.settings.symmetric) == (bits, 0.95, False)
+
+
+def _llama_config(**extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"],
+                       **extra)
+
+
+def test_kv_cache_dtype_shim_records_the_name_and_hands_vllm_auto(registered):
+    """vLLM 0.32 has no register_kv_cache_dtype: the shim wraps the resolver vllm.engine.arg_utils
+    calls before building CacheConfig (whose Literal would reject our names)."""
+    from types import SimpleNamespace
+
+    import vllm.config.cache
+    import vllm.engine.arg_utils as arg_utils
+
+    assert not hasattr(vllm.config.cache, "register_kv_cache_dtype")  # else the shim is not used
+    resolve = arg_utils.resolve_kv_cache_dtype_string
+    assert getattr(resolve, "_hadaquant", False)
+    hf = SimpleNamespace()
+    model = SimpleNamespace(quantization="hadaquant", hf_config=hf, model="m")
+    assert resolve("hq_int3", model) == "auto" and hf.hadaquant_kv_cache_dtype == "hq_int3"
+    assert resolve("fp8", SimpleNamespace(quantization=None, hf_config=SimpleNamespace())) == "fp8"
+    with pytest.raises(ValueError, match=r"kv_cache_dtype = 'hq_int4' is hadaquant's packed KV cache"):
+        resolve("hq_int4", SimpleNamespace(quantization="gptq", hf_config=SimpleNamespace(), model="m"))
+
+
+@pytest.mark.parametrize("name, bits", [("hq_int3", 3), ("hq_int4", 4), ("hq_int8", 8)])
+def test_requested_kv_cache_dtype_replaces_the_checkpoints_kv_bits(registered, name, bits):
+    """A 16-bit-KV checkpoint without R3, served with a KV-cache dtype name: the config gets the
+    packed cache's bits (asymmetric, clip 0.95) and R3 over head_dim."""
+    qc = registered.HadaquantQuantizationConfig.from_config(_qc_dict())
+    assert qc.config.kv_cache.bits == 16 and qc.config.rotation.r3 is None
+    qc.maybe_update_config("not-a-dir", _llama_config(hadaquant_kv_cache_dtype=name))
+    kv = qc.config.kv_cache
+    assert (kv.bits, kv.clip_ratio, kv.symmetric) == (bits, 0.95, False)
+    assert qc.config.rotation.r3 == {"kind": "hadamard", "size": 64, "factor_k": 1}
+    assert qc._kv_cache_method("model.layers.0.self_attn.attn").settings.bits == bits
+
+
+def test_unknown_kv_cache_dtype_name_is_a_clear_error(registered):
+    qc = registered.HadaquantQuantizationConfig.from_config(_qc_dict())
+    with pytest.raises(CheckpointFormatError, match=r"hadaquant_kv_cache_dtype = 'hq_int2': unknown"):
+        qc.maybe_update_config("not-a-dir", _llama_config(hadaquant_kv_cache_dtype="hq_int2"))
+
+
+@pytest.mark.parametrize("bits, head_dim", [(3, 64), (4, 128)])
+def test_packed_backend_shrinks_the_page(registered, bits, head_dim):
+    """customize_spec turns vLLM's dense K+V page into uint8 slots of kv_slot_bytes, and the
+    backend keeps the base backend's metadata builder and our impl."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from hq_vllm.attention import HadaquantAttentionImpl, packed_kv_backend
+    from hq_vllm.kernels.kv_cache import kv_slot_bytes
+
+    backend = packed_kv_backend(CPUAttentionBackend, bits)
+    assert backend is packed_kv_backend(CPUAttentionBackend, bits)  # one class: one attention group
+    assert backend.get_builder_cls() is CPUAttentionBackend.get_builder_cls()
+    assert backend.get_impl_cls() is HadaquantAttentionImpl
+    assert not backend.forward_includes_kv_cache_update
+    dense = FullAttentionSpec(block_size=32, num_kv_heads=3, head_size=head_dim, dtype=torch.bfloat16)
+    packed = backend.customize_spec(dense)
+    assert packed.dtype == torch.uint8
+    assert packed.page_size_bytes == 32 * 3 * kv_slot_bytes(head_dim, bits)
+    assert dense.page_size_bytes / packed.page_size_bytes > 0.85 * 16 / bits  # scales cost the rest
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,8 +295,8 @@ SPECS = [
 
 
 def _quant_config(registered, spec: WeightQuantSpec, **kw):
-    config = HadaquantConfig(weight=spec, kv_cache=KVCacheSpec(bits=16),
-                             tp_sizes=[1, 2], **kw)
+    kw.setdefault("tp_sizes", [1, 2])
+    config = HadaquantConfig(weight=spec, kv_cache=KVCacheSpec(bits=16), **kw)
     return registered.HadaquantQuantizationConfig(config)
 
 
@@ -287,7 +371,7 @@ def test_down_proj_applies_online_r4(vllm_env, emulate_tp):
     emulate_tp(1, 0)
     spec = SPECS[0]
     rotation = RotationSpec(r4={"kind": "hadamard", "size": INTER, "factor_k": 12})
-    qc = _quant_config(vllm_env, spec, rotation=rotation)
+    qc = _quant_config(vllm_env, spec, rotation=rotation, tp_sizes=[1])  # one block: TP 1 only
     prefix = "model.layers.0.mlp.down_proj"
     layer = RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=qc,
                               params_dtype=torch.float32, prefix=prefix)
@@ -301,9 +385,101 @@ def test_down_proj_applies_online_r4(vllm_env, emulate_tp):
     assert torch.equal(layer.quant_method.apply(layer, x), want)
     # an R4 over the whole intermediate size cannot be split across ranks
     emulate_tp(2, 0)
-    with pytest.raises(CheckpointFormatError, match="online R4 rotation"):
+    with pytest.raises(CheckpointFormatError, match=r"tensor_parallel_size = 2: .*\[1\] only.*"
+                                                    r"rotation\.r4\.blocks = 1"):
         RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=qc, params_dtype=torch.float32,
                           prefix=prefix)
+
+
+SMOL_HIDDEN, SMOL_INTER = 576, 1536  # SmolLM2-135M's down_proj; R4 as 2 blocks of 768 = 12·64
+
+
+def _simulated_down_proj(config: HadaquantConfig, w: torch.Tensor) -> torch.nn.Module:
+    """The offline simulator's down_proj: a linear of weight ``w`` under attach_simulation's hooks
+    (online R4, activation fake quantization), at its HF name in a minimal module tree."""
+    from torch import nn
+
+    from hq_vllm.offline.simulate import attach_simulation
+
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.layers = nn.ModuleList([nn.Module()])
+    root.model.layers[0].mlp = nn.Module()
+    down = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    down.weight = nn.Parameter(w.clone(), requires_grad=False)
+    root.model.layers[0].mlp.down_proj = down
+    attach_simulation(root, config)  # kv 16 bits, no R3: only the linear's hook
+    return down
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_shard_local_r4_at_emulated_tp2(vllm_env, emulate_tp, act_bits):
+    """A down_proj with a 2-block R4 at emulated TP 2: each rank holds half of the packed weight
+    and rotates its half of the input block by block; the sum of the partial products (what the
+    all-reduce adds) is the TP-1 output, and TP 1 is the simulator's down_proj bit for bit.
+
+    With quantized activations a rank's per-token scale comes from its own half of the row (as
+    for any row-parallel linear), so TP 2 is close to TP 1 but not the same quantizer."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from hq_vllm.format import ActQuantSpec
+
+    spec = WeightQuantSpec(bits=4, group_size=64, symmetric=True)
+    rotation = RotationSpec(r4={"kind": "hadamard", "size": SMOL_INTER, "factor_k": 12, "blocks": 2})
+    act = ActQuantSpec(bits=act_bits, clip_ratio=0.9 if act_bits < 16 else 1.0)
+    config = HadaquantConfig(weight=spec, activation=act, kv_cache=KVCacheSpec(bits=16),
+                             rotation=rotation, tp_sizes=[1, 2])
+    prefix = "model.layers.0.mlp.down_proj"
+    tensors, w = _random_linear(prefix, SMOL_HIDDEN, SMOL_INTER, spec, seed=40)
+    x = torch.randn(9, SMOL_INTER, generator=torch.Generator().manual_seed(41))
+    x[:, 5] *= 30  # an outlier channel, which the rotation spreads over its block
+
+    def build(tp: int, rank: int):
+        emulate_tp(tp, rank)
+        qc = vllm_env.HadaquantQuantizationConfig(config)
+        layer = RowParallelLinear(SMOL_INTER, SMOL_HIDDEN, bias=False, quant_config=qc,
+                                  params_dtype=torch.float32, prefix=prefix)
+        _load(layer, tensors)
+        layer.quant_method.process_weights_after_loading(layer)
+        return layer
+
+    tp1 = build(1, 0)
+    y1 = tp1.quant_method.apply(tp1, x)
+    with torch.no_grad():
+        sim = _simulated_down_proj(config, w)(x)
+    assert torch.equal(y1, sim)
+
+    half = SMOL_INTER // 2
+    partial = []
+    for rank in range(2):
+        layer = build(2, rank)
+        assert layer.quant_method.online_input.r4_block_size == half
+        assert torch.equal(layer.hq_weight, w[:, rank * half:(rank + 1) * half])
+        partial.append(layer.quant_method.apply(layer, x[:, rank * half:(rank + 1) * half]))
+    y2 = partial[0] + partial[1]
+    err = float((y2 - y1).abs().max() / y1.abs().max())
+    if act_bits == 16:
+        assert err < 1e-5, err  # float32 summation order only
+        assert float((y2 - sim).abs().max() / sim.abs().max()) < 1e-5
+    else:
+        assert err < 3e-2, err  # per-rank activation scales: 8-bit noise, no more
+
+
+def test_tp_size_not_dividing_r4_blocks_is_refused(vllm_env, emulate_tp):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    rotation = RotationSpec(r4={"kind": "hadamard", "size": SMOL_INTER, "factor_k": 12, "blocks": 2})
+    qc = _quant_config(vllm_env, SPECS[0], rotation=rotation)  # tp_sizes [1, 2]
+    emulate_tp(4, 0)
+    with pytest.raises(CheckpointFormatError, match=r"tensor_parallel_size = 4: .*\[1, 2\] only.*"
+                                                    r"rotation\.r4\.blocks = 2 diagonal blocks of 768"):
+        RowParallelLinear(SMOL_INTER, SMOL_HIDDEN, bias=False, quant_config=qc,
+                          params_dtype=torch.float32, prefix="model.layers.0.mlp.down_proj")
+    # the per-layer guard behind it: a rank's slice must be whole blocks
+    online = vllm_env._OnlineInput(qc, "model.layers.0.mlp.down_proj")
+    online.check_input_size(768)
+    with pytest.raises(CheckpointFormatError, match=r"rotation\.r4\.blocks = 2 .* 384 down_proj input"):
+        online.check_input_size(384)
 
 
 def test_16_bit_override_uses_unquantized_weight_with_online_input(vllm_env, emulate_tp):

@@ -8,8 +8,10 @@ import torch
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def tiny_model(arch: str, *, tied: bool = False, hidden: int = 64, intermediate: int = 96, seed: int = 0):
-    """A random float32 model with random (non-unit) norm scales, so norm fusion is really tested."""
+def tiny_model(arch: str, *, tied: bool = False, hidden: int = 64, intermediate: int = 96, seed: int = 0,
+               **overrides):
+    """A random float32 model with random (non-unit) norm scales, so norm fusion is really tested.
+    ``overrides`` replace config values (e.g. ``vocab_size``, ``head_dim``, ``sliding_window``)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -20,7 +22,7 @@ def tiny_model(arch: str, *, tied: bool = False, hidden: int = 64, intermediate:
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
     }
     config_cls, model_cls, extra = classes[arch]
-    config = config_cls(
+    values = dict(
         vocab_size=256,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -30,8 +32,8 @@ def tiny_model(arch: str, *, tied: bool = False, hidden: int = 64, intermediate:
         max_position_embeddings=128,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-6,
-        **extra,
     )
+    config = config_cls(**{**values, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)

@@ -40,27 +40,13 @@ def truncated_smollm2(out_dir: Path, num_layers: int = NUM_LAYERS) -> Path:
     return out_dir
 
 
-def quantized_checkpoint(model_dir: Path, out_dir: Path, recipe: str, *, kv_bits_16: bool = False,
-                         mse_clip: bool | None = None) -> Path:
-    """Run the offline pipeline; with ``kv_bits_16`` the KV cache is set back to 16 bits.
-
-    ``mse_clip=False`` skips the clip search (4x faster on the whole model; parity with the
-    simulator does not depend on how the weight grid was chosen).
-
-    No recipe has 4-bit activations with a 16-bit KV cache, which is what the plugin serves
-    before KV-cache quantization lands; KV bits change nothing stored (only what the attention
-    does at run time), so rewriting ``kv_cache`` in config.json gives a valid W4A4KV16
-    checkpoint that the simulator (reading the same config.json) agrees on.
-    """
+def quantized_checkpoint(model_dir: Path, out_dir: Path, recipe: str, *, mse_clip: bool | None = None) -> Path:
+    """Run the offline pipeline. ``mse_clip=False`` skips the clip search (4x faster on the
+    whole model; parity with the simulator does not depend on how the weight grid was chosen)."""
     from hq_vllm.offline.pipeline import QuantizeOptions, quantize_to_checkpoint
 
     options = QuantizeOptions(recipe=recipe, mse_clip=mse_clip)
     quantize_to_checkpoint(model_dir, out_dir, options, progress=False)
-    if kv_bits_16:
-        edit_quant_config(out_dir, lambda q: q.update(
-            kv_cache={"bits": 16, "clip_ratio": 1.0, "symmetric": False},
-            recipe=q["recipe"].split("kv")[0] + "kv16",
-        ))
     return out_dir
 
 
