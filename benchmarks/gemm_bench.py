@@ -194,8 +194,6 @@ def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):
     t16 = kernel_time(lambda i: torch.nn.functional.linear(x, w16[i % len(w16)]), 3 * len(w16))
     t16_graph = graph_time(lambda i: torch.nn.functional.linear(x, w16[i % len(w16)]), len(w16))
     bytes16 = 2 * k * n + m * k * 2 + m * n * 2
-    del weights, w16
-    torch.cuda.empty_cache()
     t = ok["default"]["kernel_s"]
     return {
         "model": model, "layer": layer, "K": k, "N": n, "bits": bits, "M": m, "rel_err": rel,
@@ -270,6 +268,7 @@ def main() -> None:
             for m in args.m:
                 for model, layer, k, n in shapes:
                     r = bench_shape(model, layer, k, n, bits, m, device, hbm, args.sweep and bits == 3)
+                    torch.cuda.empty_cache()  # the shape's weight copies are gone
                     rows.append(r)
                     print(f"[{time.time() - t0:5.0f}s] W{bits} M={m:<3} {model:10s} {layer:7s} {k:>5}->{n:<5} "
                           f"{r['kernel_us']:7.1f} us {r['GBps']:6.0f} GB/s {r['pct_hbm']:5.1f}% "

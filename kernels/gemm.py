@@ -12,13 +12,15 @@ Two implementations with the same signature:
 * ``dequant_gemm_reference``: plain torch. Unpacks the codes (``packing.unpack_codes``),
   dequantizes in float32 with the operations of ``hq_vllm.format.unpack_linear`` (so its weight is
   that one bit for bit) and multiplies in float32. The definition of the result, and the CPU path.
-* ``dequant_gemm``: Triton, one launch (split-K included). Supports bits 3 and 4, symmetric and
-  asymmetric, any group size that is a multiple of 32, or -1 (per output channel); other bit
-  widths, dtypes and devices fall back to the reference.
+* ``dequant_gemm``: Triton, one launch (split-K included) for M <= 16; for larger M one Triton
+  pass dequantizes into a transient 16-bit ``W.T`` and torch.matmul multiplies (see below).
+  Supports bits 3 and 4, symmetric and asymmetric, any group size that is a multiple of 32, or
+  -1 (per output channel); other bit widths (2, 5-8), float64 and plain CPU tensors fall back to
+  the reference.
 
-Why the kernel is shaped the way it is (the arithmetic is the bottleneck once the loads are wide):
-at 4.3 TB/s an H200 SM must retire ~44 three-bit weights per clock, i.e. ~3 instructions per
-weight, including the multiply-add. So codes are never unpacked one by one:
+Why the kernel is shaped the way it is: at 4.3 TB/s an H200 SM must retire ~44 three-bit weights
+per clock, i.e. ~3 instructions per weight including the multiply-add, so codes are never
+unpacked one by one:
 
 1. **Nibble words.** The 32 codes of a block come as 4 words of 8 fields each, field ``i`` at bit
    ``4i + d`` (d in {0, 1}). For b = 4 these are the packed words themselves. For b = 3 each is
@@ -32,13 +34,15 @@ weight, including the multiply-add. So codes are never unpacked one by one:
    (exact), and per 32-channel block ``sum_j x_j f_j = X' + 2**-b * sum_j x_j c_j`` with
    ``X' = sum_j x'_j``, recovered with the group scale once per block and column:
    ``s * (2**b * (S - X') - z * X)``. Per weight: ~3/8 shift + 1 LOP3 + 1 FFMA.
-   *Dot* (M >= 2, tensor cores): every field goes to bits 16.. (``1 + c/128``, exact in bf16 and
-   fp16), the tile is multiplied as is and ``s * (128 * D - (128 + z) * X)`` is applied per tile
-   when a tile lies in one group; for smaller groups the weight is scaled in place with one FFMA,
-   ``fma(1 + c/128, 128 s, -(128 + z) s) = (c - z) s`` exactly. The dot's K order is permuted
-   (lanes of one nibble word are adjacent) and the activations are gathered in the same order.
+   *Dot* (2 <= M <= 16, tensor cores): every field goes to bits 16.. (``1 + c/128``) and is
+   scaled in place with one FFMA, ``fma(1 + c/128, 128 s, -(128 + z) s) = (c - z) s`` exactly in
+   float32, then rounded to the activation dtype; one dot per field over the tile's BLOCK_K/32
+   blocks (dot K = 16 at BLOCK_K = 512), the activations gathered at that field's lane. With
+   per-channel scales the unscaled ``1 + c/128`` (exact in bf16/fp16) is multiplied and
+   ``s * (128 * D - (128 + z) * X)`` applied once at the end.
    Accumulation is float32 everywhere. The GEMV's pre-scaling (by at most 2**7) costs ~2**-14
-   relative accuracy in float32 accumulation, far below a bf16 output's rounding.
+   relative accuracy in float32 accumulation (~3e-5 measured with float32 activations), far below
+   a bf16 output's rounding.
 3. **Split-K** for small M: N / BLOCK_N programs alone would leave most SMs idle at decode, so K
    is split until the grid fills the GPU. Each program writes its float32 partial tile; the last
    program of a tile to arrive (an atomic ticket per tile) adds all partials *in split order*,
@@ -46,6 +50,15 @@ weight, including the multiply-add. So codes are never unpacked one by one:
    next launch. One launch, no memset, no host synchronisation: safe in CUDA graphs. The tickets
    live in one cached int32 buffer per device, so two split-K launches must not run concurrently
    on different streams (vLLM runs the model on one stream).
+
+4. **Large M** (prefill, batches > 16): the dot path re-gathers the activations for every N tile,
+   so its cost grows with M (measured: 0.6x of bf16 cuBLAS at M = 16, 0.15x at M = 64). There
+   ``dequantize_packed`` writes ``W.T`` once (0.375 + 2 bytes per weight) and cuBLAS multiplies:
+   memory at rest stays packed; the int8 prefill GEMM is to replace this.
+
+Measured (H200, docs/BENCHMARKS.md): 14-35% of HBM bandwidth for W3 at M = 1, 17-42% for W4
+(1.4-1.9x cuBLAS bf16 on the large projections), far from the 85% target; the likely limits
+are listed there. Not yet timed on the GPU: the large-M path and the GEMV tunables as now set.
 
 Dispatch: the Triton kernel runs when ``x`` is on CUDA or when ``TRITON_INTERPRET=1`` is set
 (read at call time, as in ``fwht.py``); otherwise the reference runs. Tile sizes, warps and the
@@ -57,7 +70,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -81,7 +94,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 KERNEL_BITS = (3, 4)  # bit widths the kernel implements; others fall back to the reference
 _GEMV_MAX_M = 1  # M up to this runs the CUDA-core GEMV; larger M the tensor-core dot
-#: M above this dequantizes the weight into a transient 16-bit ``[K, N]`` (one Triton pass) and
+#: M from this up dequantizes the weight into a transient 16-bit ``[K, N]`` (one Triton pass) and
 #: multiplies with torch.matmul: the dot path gathers activations per N tile, which grows with
 #: M (measured on H200: 0.6x bf16 at M = 16, 0.15x at M = 64; see docs/BENCHMARKS.md).
 _DEQUANT_MIN_M = 17

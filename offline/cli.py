@@ -67,6 +67,9 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
     p.add_argument("--gbs-sequences", type=int, default=16, help="GBS calibration windows")
     p.add_argument("--gbs-seq-len", type=int, default=256, help="tokens per GBS calibration window")
     p.add_argument("--gbs-rounds", type=int, default=4, help="GBS bisection rounds after the 0.25 grid")
+    p.add_argument("--gbs-target", default="layer", choices=["layer", "model"],
+                   help="GBS loss: each layer's output vs the FP layer on the same input (layer) or vs "
+                        "the FP model's output (model)")
     p.add_argument("--gbs-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="GBS forward pass (fake quantization and loss are float32 either way)")
 
@@ -104,6 +107,7 @@ def _options(args):
         gbs_sequences=args.gbs_sequences,
         gbs_seq_len=args.gbs_seq_len,
         gbs_rounds=args.gbs_rounds,
+        gbs_target=args.gbs_target,
         gbs_dtype=args.gbs_dtype,
     )
 

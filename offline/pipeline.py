@@ -100,6 +100,7 @@ class QuantizeOptions:
     gbs_sequences: int = 16  # calibration windows of the search (BoolQ text disjoint from evaluation)
     gbs_seq_len: int = 256
     gbs_rounds: int = 4  # bisection rounds after the coarse grid (resolution 0.25 / 2**rounds)
+    gbs_target: str = "layer"  # loss vs the FP "layer" on the same input, or the FP "model"'s output
     gbs_dtype: str = "bfloat16"  # the search's linears/attention (fake quant and loss stay float32)
 
     def __post_init__(self) -> None:

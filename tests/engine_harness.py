@@ -24,6 +24,25 @@ import torch.nn.functional as F
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 ENSEMBLE_SEEDS = (0, 1, 2)
+#: Prompts for greedy comparisons (tests take the first n they can afford).
+PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "In 1969, the first humans",
+    "The best way to learn a new language is",
+    "Photosynthesis is the process by which",
+    "My favorite recipe for pancakes",
+    "The stock market today",
+    "A haiku about the ocean:",
+    "The theory of relativity states that",
+    "To install Python packages, you can use",
+    "The largest planet in our solar system",
+    "Dear hiring manager, I am writing to",
+    "The quick brown fox",
+)
 
 
 class EnginePool:

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.engine_harness import PROMPTS as HARNESS_PROMPTS
 from tests.engine_harness import (
     EnginePool,
     agreement,
@@ -59,24 +60,7 @@ MAX_TOKENS = 16
 PPL_SEQ_LEN, PPL_WINDOWS = 256, 4
 ENGINE_TIMEOUT_S = 480
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, there was a",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "In 1969, the first humans",
-    "The best way to learn a new language is",
-    "Photosynthesis is the process by which",
-    "My favorite recipe for pancakes",
-    "The stock market today",
-    "A haiku about the ocean:",
-    "The theory of relativity states that",
-    "To install Python packages, you can use",
-    "The largest planet in our solar system",
-    "Dear hiring manager, I am writing to",
-    "The quick brown fox",
-]
+PROMPTS = HARNESS_PROMPTS
 
 A16 = {"bits": 16, "clip_ratio": 1.0, "symmetric": True}
 A8 = {"bits": 8, "clip_ratio": 0.9, "symmetric": True}

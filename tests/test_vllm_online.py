@@ -32,6 +32,7 @@ from hq_vllm.format import (
 from hq_vllm.kernels.fwht import hadamard_transform
 from hq_vllm.kernels.hadamard import hadamard_matrix
 from hq_vllm.offline.quantize import dequantize_weight, fake_quantize_per_token, quantize_weight
+from tests.engine_harness import PROMPTS as HARNESS_PROMPTS
 from tests.engine_harness import (
     EnginePool,
     agreement,
@@ -348,16 +349,7 @@ def test_other_layers_stay_unquantized(vllm_env, emulate_tp):
 MAX_TOKENS = 16
 PPL_SEQ_LEN, PPL_WINDOWS = 256, 3
 ENGINE_TIMEOUT_S = 420
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, there was a",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "In 1969, the first humans",
-    "The best way to learn a new language is",
-    "Photosynthesis is the process by which",
-]
+PROMPTS = HARNESS_PROMPTS[:8]
 ENGINES = {
     "w4a16": {"weight_bits": 4, "group_size": 64, "act_bits": 16, "kv_bits": 16},
     "w4a8": {"weight_bits": 4, "group_size": 64, "act_bits": 8, "act_clip_ratio": 0.9, "kv_bits": 16},

@@ -32,6 +32,7 @@ import time
 
 import pytest
 
+from tests.engine_harness import PROMPTS as HARNESS_PROMPTS
 from tests.engine_harness import EnginePool, agreement, engine_output, engine_ppl
 from tests.vllm_checkpoints import edit_quant_config
 
@@ -46,16 +47,7 @@ TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank ("auto" bind
 ENGINE = {"max_num_batched_tokens": 256}
 TP2_ENGINE = {**ENGINE, "tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, there was a",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "In 1969, the first humans",
-    "The best way to learn a new language is",
-    "Photosynthesis is the process by which",
-]
+PROMPTS = HARNESS_PROMPTS[:8]
 
 KV4 = {"bits": 4, "clip_ratio": 0.95, "symmetric": False}
 
