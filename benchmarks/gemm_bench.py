@@ -17,41 +17,19 @@ configurations listed in SWEEP and reports the best one per shape. Prints a tabl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_gemm():
-    """``hq_vllm.kernels.gemm`` installed, or straight from the checkout (the package-dir
-    mapping of pyproject.toml: ``kernels/`` is ``hq_vllm.kernels``)."""
-    try:
-        from hq_vllm.kernels import gemm
-
-        return gemm
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import hq_vllm  # noqa: F401  (cheap: imports neither torch nor vllm)
-
-    spec = importlib.util.spec_from_file_location(
-        "hq_vllm.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hq_vllm.kernels"] = module
-    spec.loader.exec_module(module)
-    from hq_vllm.kernels import gemm
-
-    return gemm
-
-
-gemm = _import_gemm()
+(gemm,) = import_kernels("gemm")
 
 SHAPES = [  # (model, layer, K, N)
     ("llama2-7b", "qkv", 4096, 12288),
@@ -89,24 +67,6 @@ def random_linear(n: int, k: int, bits: int, device) -> tuple:
     return qweight, scales
 
 
-def hbm_copy_bandwidth(device) -> float:
-    """GB/s of a 2 GiB device-to-device copy, read + written bytes, median of 20."""
-    src = torch.randn(1 << 29, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
-
-
 def kernel_time(fn, calls: int) -> float:
     """Mean summed GPU kernel time per call (seconds), from the CUDA profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,32 +77,6 @@ def kernel_time(fn, calls: int) -> float:
         torch.cuda.synchronize()
     total_us = sum(e.self_device_time_total for e in prof.key_averages())
     return total_us / calls / 1e6
-
-
-def graph_time(fn, count: int, reps: int = 5) -> float:
-    """Seconds per call when ``count`` calls are replayed as one CUDA graph (median of reps)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(count):  # warm-up on the side stream, as torch recommends before capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(count):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / count)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):

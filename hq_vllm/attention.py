@@ -38,9 +38,12 @@ Two vLLM lines, told apart by feature (:func:`_backend_customizes_spec`), never 
   it does for sliding-window layers served as full attention) and the impl attends within the
   window, so it stays correct but frees no out-of-window blocks.
 
-The impl here is the plain-torch reference (``hq_vllm.kernels.kv_cache``): correct everywhere,
-including chunked prefill and prefix-cache hits (every query attends to what is in the cache);
-the GPU kernel issue replaces it with a fused Triton kernel behind the same slot layout.
+Attention itself: on CUDA the Triton kernel (``hq_vllm.kernels.paged_attention``: one launch
+for decode, prefill, chunked prefill and prefix-cache hits, split-KV for few long decodes; no
+host synchronisation), elsewhere (CPU) the plain-torch reference (``hq_vllm.kernels.kv_cache``),
+with the same arguments and results. Both attend to what is in the cache, so every kind of batch
+is covered. The metadata builder still disables CUDA graphs for attention on 0.26: the cache
+*write* (quantize, pack, store) is plain torch and reads the slot mapping on the host.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from hq_vllm.kernels.kv_cache import (
     quantize_kv_to_slots,
     write_kv_slots,
 )
+from hq_vllm.kernels.paged_attention import paged_attention
 
 __all__ = ["HadaquantAttentionImpl", "HadaquantKVCacheMethod", "PackedKVSettings", "packed_kv_backend"]
 
@@ -116,8 +120,9 @@ def _packed_kv_cache_stride_order(include_num_layers_dimension: bool = False) ->
 
 def _packed_metadata_builder(base_builder: type) -> type:
     """``base_builder`` (its metadata: block table, sequence lengths, query offsets) with two
-    changes: no CUDA-graph capture of attention (the torch reference impl reads the sequence
-    lengths on the host; piecewise graphs keep attention eager), and no FlashAttention-3
+    changes: no CUDA-graph capture of attention (the attention kernel would allow it, but the
+    torch cache write reads the slot mapping on the host; piecewise graphs keep attention
+    eager), and no FlashAttention-3
     ahead-of-time scheduler metadata (it describes a bf16/fp8 cache for FA's own kernel)."""
     from vllm.v1.attention.backend import AttentionCGSupport
 
@@ -173,6 +178,11 @@ def packed_kv_backend(base: type, bits: int) -> type:
 # ---------------------------------------------------------------------------------------------
 
 
+def _use_attention_kernel(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """The Triton kernel on CUDA; the torch reference elsewhere (the CPU platform)."""
+    return query.is_cuda and kv_cache.is_cuda
+
+
 def _attention_impl_base() -> type:
     from vllm.v1.attention.backend import AttentionImpl
 
@@ -180,7 +190,8 @@ def _attention_impl_base() -> type:
 
 
 class HadaquantAttentionImpl(_attention_impl_base()):  # type: ignore[misc]
-    """Decoder self-attention over the packed cache (torch reference path).
+    """Decoder self-attention over the packed cache (Triton kernel on CUDA, torch reference
+    elsewhere).
 
     Built by :class:`HadaquantKVCacheMethod` (not by vLLM's backend selection), with the
     settings of the checkpoint; vLLM then calls :meth:`do_kv_cache_update` (rotate K, quantize,
@@ -245,18 +256,17 @@ class HadaquantAttentionImpl(_attention_impl_base()):  # type: ignore[misc]
         if attn_metadata is None:  # profiling / warm-up run: no cache, nothing to attend to
             return output
         n = attn_metadata.num_actual_tokens
-        paged_attention_reference(
-            self._rotate(query[:n]),
-            kv_cache,
-            attn_metadata.block_table,
-            attn_metadata.seq_lens,
-            attn_metadata.query_start_loc,
-            head_dim=self.head_size,
-            bits=self.settings.bits,
-            scale=self.scale,
-            sliding_window=self.sliding_window,
-            output=output[:n],
-        )
+        q = self._rotate(query[:n])
+        args = (q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.query_start_loc)
+        kwargs = dict(head_dim=self.head_size, bits=self.settings.bits, scale=self.scale,
+                      sliding_window=self.sliding_window, output=output[:n])
+        if _use_attention_kernel(q, kv_cache):
+            # The kernel reads only host-side ints of the metadata (launch shape), never the
+            # device tensors' values on the host: safe under CUDA-graph capture.
+            paged_attention(*args, **kwargs, max_query_len=getattr(attn_metadata, "max_query_len", None),
+                            max_seq_len=getattr(attn_metadata, "max_seq_len", None))
+        else:
+            paged_attention_reference(*args, **kwargs)
         return output
 
 

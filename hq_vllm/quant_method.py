@@ -67,6 +67,8 @@ Where this plugs into vLLM (0.32 line numbers; the same interfaces exist in 0.26
 
 from __future__ import annotations
 
+import os
+
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,7 @@ from hq_vllm.format import (
     validate_tensors,
 )
 from hq_vllm.kernels.fwht import block_hadamard_transform
+from hq_vllm.kernels.hadamard_quant import hadamard_quant  # fused rotation + quantization (CUDA)
 from hq_vllm.kernels.gemm import KERNEL_BITS as PACKED_GEMM_BITS  # registers hadaquant::dequant_gemm
 
 __all__ = [
@@ -393,6 +396,18 @@ class HadaquantQuantizationConfig(QuantizationConfig):
 # ---------------------------------------------------------------------------------------------
 
 
+#: The fused kernel is opt-in (``HADAQUANT_FUSED_INPUT=1``) until it has run inside a vLLM engine
+#: on a GPU and its N = 18944 (148 · 128) mismatch is fixed: on the H200 (2026-12-01) it left 1.9%
+#: of codes off by one there, against <= 2e-4 at the other sizes (docs/BENCHMARKS.md).
+_FUSED_INPUT = os.environ.get("HADAQUANT_FUSED_INPUT", "0") == "1"
+
+
+def _fused_input_path(x: torch.Tensor, rotate: bool, bits: int, symmetric: bool) -> bool:
+    """Whether :func:`quantize_linear_input` runs the fused rotation + quantization kernel."""
+    return (_FUSED_INPUT and rotate and symmetric and bits < 16 and x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
 @torch.library.custom_op("hadaquant::quantize_linear_input", mutates_args=())
 def quantize_linear_input(
     x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bool,
@@ -406,8 +421,19 @@ def quantize_linear_input(
     Opaque on purpose: under vLLM's default ``torch.compile`` mode, dynamo would otherwise trace
     into the Hadamard construction (data-dependent checks, caches) and fail, and Inductor may
     rewrite ``x / scale`` as ``x * (1 / scale)``, which moves rounding boundaries: the served
-    codes would no longer be the simulator's. The GPU kernels will register here the same way.
+    codes would no longer be the simulator's.
+
+    On CUDA, with a rotation, 16-bit activations and symmetric quantization to < 16 bits, both
+    steps run as one fused Triton kernel (``kernels/hadamard_quant.py``: one read of x, one
+    write), which returns the fake-quantized bf16/fp16 activation rather than int8 codes and
+    scales, because the GEMM behind it (the dequant GEMM or ``F.linear``) consumes 16-bit
+    activations; the codes entry point (``torch.ops.hadaquant.hadamard_quant``) is there for
+    the int8 GEMM. Its values are the unfused path's up to the tensor cores' summation order
+    (a small fraction of codes one off). Everything else, and the CPU, keeps the torch path.
     """
+    if _fused_input_path(x, rotate, bits, symmetric):
+        blocks = x.shape[-1] // block_size if block_size else 1
+        return hadamard_quant(x, bits, clip_ratio, blocks, dequantize=True)
     if rotate:
         x = block_hadamard_transform(x, block_size or None)
     out = fake_quantize_per_token(x, bits, clip_ratio, symmetric)

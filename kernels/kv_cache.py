@@ -1,5 +1,8 @@
 """The packed, rotated KV cache: slot layout, quantize + pack, unpack, paged attention (torch reference).
 
+The Triton paged-attention kernel over this layout is ``kernels/paged_attention.py``
+(``paged_attention``, same arguments as :func:`paged_attention_reference` here, tested against it).
+
 K and V of one token and one KV head are quantized over ``head_dim`` (per token and head, dynamic)
 after the online R3 Hadamard has rotated K (and Q, so QKᵀ is unchanged), and stored together in
 one byte *slot* of the paged cache. vLLM's paged cache for one layer is then a ``uint8`` tensor
@@ -214,6 +217,10 @@ def paged_attention_reference(
     decode alike; with a window, blocks wholly before it are not read (vLLM may have freed them).
     GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``. Softmax in float32; the result
     (``[T, Hq, D]``, in ``query``'s dtype) is written into ``output`` when given.
+
+    The definition of the result and the CPU path; a Python loop over requests that reads the
+    lengths on the host. On the GPU the backend runs its Triton twin,
+    ``hq_vllm.kernels.paged_attention.paged_attention``.
     """
     t, hq, d = query.shape
     hkv = cache.shape[1]

@@ -50,14 +50,23 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
     p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default 0.9)")
     p.add_argument("--kv-clip", type=float, default=None, help="KV-cache clip ratio (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="rotation and calibration-window seed")
-    p.add_argument("--gptq", action="store_true", help="GPTQ weights (Hessians from calibration text) instead of RTN")
+    p.add_argument("--method", default="full", choices=["full", "quarot", "rtn"],
+                   help="calibration: full = GPTQ + GBS clip search + SmoothRot + spike-aware mixed precision "
+                        "(each where the recipe can use it; the default); quarot = GPTQ + fixed clips; rtn = "
+                        "round-to-nearest, fixed clips, no calibration text (seconds). The flags below "
+                        "override single components")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--gptq", dest="weight_method", action="store_const", const="gptq", default=None,
+                         help="GPTQ weights (Hessians from calibration text)")
+    weights.add_argument("--rtn", dest="weight_method", action="store_const", const="rtn",
+                         help="round-to-nearest weights")
     p.add_argument("--calib-sequences", type=int, default=128, help="GPTQ calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per GPTQ calibration window")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
     p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending diag(H) (static groups)")
     p.add_argument("--calib-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="GPTQ calibration forward pass (Hessians are float32 either way)")
-    p.add_argument("--clip-search", default="fixed", choices=["fixed", "gbs"],
+    p.add_argument("--clip-search", default=None, choices=["fixed", "gbs"],
                    help="activation/KV clip ratios: fixed (--act-clip/--kv-clip) or gradual binary search "
                         "per layer and projection on calibration text")
     p.add_argument("--gbs-start-bits", type=int, default=None,
@@ -72,13 +81,31 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
                         "the FP model's output (model)")
     p.add_argument("--gbs-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="GBS forward pass (fake quantization and loss are float32 either way)")
+    p.add_argument("--no-smoothrot", dest="smoothrot", action="store_false", default=None,
+                   help="no SmoothRot (the full method's default is on when activations are quantized)")
+    p.add_argument("--smoothrot", action="store_true", default=None,
+                   help="SmoothRot: calibrated per-channel scales on the down_proj input before R4, folded "
+                        "into up_proj/down_proj (alpha searched per layer)")
+    p.add_argument("--smoothrot-alpha", type=float, default=None,
+                   help="SmoothRot with this alpha in [0, 1] for every layer instead of the search (implies --smoothrot)")
+    p.add_argument("--smoothrot-sequences", type=int, default=16, help="SmoothRot calibration windows")
+    p.add_argument("--smoothrot-seq-len", type=int, default=256, help="tokens per SmoothRot calibration window")
+    p.add_argument("--mp-budget", type=int, default=None,
+                   help="spike-aware mixed precision: keep this many projection groups (qkv, o_proj, gate_up, down_proj of a layer), those whose inputs quantize worst on calibration text, at --mp-bits (0: off)")
+    p.add_argument("--mp-bits", type=int, default=8, choices=[8, 16],
+                   help="weight and activation bits of the kept projection groups (never lowers a width)")
+    p.add_argument("--mp-sequences", type=int, default=16, help="mixed-precision calibration windows")
+    p.add_argument("--mp-seq-len", type=int, default=256, help="tokens per mixed-precision calibration window")
 
 
 def _options(args):
-    from hq_vllm.offline.pipeline import QuantizeOptions
+    from hq_vllm.offline.pipeline import method_options
     from hq_vllm.offline.rotation import RotationOptions
 
-    return QuantizeOptions(
+    base = method_options(args.method, args.recipe)
+    smoothrot = base.smoothrot if args.smoothrot is None else args.smoothrot
+    return method_options(
+        args.method,
         recipe=args.recipe,
         rotate=not args.no_rotate,
         rotation=RotationOptions(
@@ -95,13 +122,13 @@ def _options(args):
         act_clip=args.act_clip,
         kv_clip=args.kv_clip,
         seed=args.seed,
-        weight_method="gptq" if args.gptq else "rtn",
+        weight_method=args.weight_method or base.weight_method,
         calib_sequences=args.calib_sequences,
         calib_seq_len=args.calib_seq_len,
         damp=args.damp,
         act_order=args.act_order,
         calib_dtype=args.calib_dtype,
-        clip_search=args.clip_search,
+        clip_search=args.clip_search or base.clip_search,
         gbs_start_bits=args.gbs_start_bits,
         gbs_direction=args.gbs_direction,
         gbs_sequences=args.gbs_sequences,
@@ -109,6 +136,14 @@ def _options(args):
         gbs_rounds=args.gbs_rounds,
         gbs_target=args.gbs_target,
         gbs_dtype=args.gbs_dtype,
+        smoothrot=smoothrot or args.smoothrot_alpha is not None,
+        smoothrot_alpha=args.smoothrot_alpha,
+        smoothrot_sequences=args.smoothrot_sequences,
+        smoothrot_seq_len=args.smoothrot_seq_len,
+        mp_budget=base.mp_budget if args.mp_budget is None else args.mp_budget,
+        mp_bits=args.mp_bits,
+        mp_sequences=args.mp_sequences,
+        mp_seq_len=args.mp_seq_len,
     )
 
 
@@ -121,14 +156,47 @@ def cmd_fetch_model(args) -> int:
     return 0
 
 
+def _components(options, sep: str) -> str:
+    """What a run did, for labels and default output names: ``w3a3kv3-gptq-gbs-smoothrot-mp2x8``."""
+    parts = [options.recipe]
+    if not options.rotate:
+        parts.append("norot")
+    elif options.rotation.r1_kind != "random_hadamard":
+        parts.append(options.rotation.r1_kind)
+    parts.append(options.weight_method)
+    if options.clip_search == "gbs":
+        parts.append("gbs")
+    if options.smoothrot:
+        parts.append("smoothrot")
+    if options.mp_budget:
+        parts.append(f"mp{options.mp_budget}x{options.mp_bits}")
+    return sep.join(parts)
+
+
+def _report_calibration(ckpt) -> None:
+    """Print the per-layer table of a checkpoint's calibrated settings and draw calibration.png beside it."""
+    from hq_vllm.offline.checkpoint import read_checkpoint_config
+    from hq_vllm.offline.report import overrides_table, plot_calibration
+
+    hf_config, qconfig = read_checkpoint_config(ckpt)
+    if not qconfig.layers and not qconfig.calibration:
+        return
+    n = hf_config["num_hidden_layers"]
+    print("  per layer     clip ratios (activations, K/V), raised bits, SmoothRot alpha")
+    print(overrides_table(qconfig, n))
+    png = plot_calibration(qconfig, Path(ckpt) / "calibration.png", num_layers=n)  # same bytes for a seed
+    print(f"  plot          {png}")
+
+
 def cmd_quantize(args) -> int:
     from hq_vllm.offline.pipeline import quantize_to_checkpoint
 
     model_dir = _resolve_model(args.model)
-    out = args.out_dir or (f"runs/{Path(args.model).name}-{args.recipe}{'-norot' if args.no_rotate else ''}"
-                           f"{'-gptq' if args.gptq else ''}{'-gbs' if args.clip_search == 'gbs' else ''}")
-    summary = quantize_to_checkpoint(model_dir, out, _options(args), overwrite=args.overwrite)
+    options = _options(args)
+    out = args.out_dir or f"runs/{Path(args.model).name}-{_components(options, '-')}"
+    summary = quantize_to_checkpoint(model_dir, out, options, overwrite=args.overwrite)
     print(summary.render())
+    _report_calibration(out)
     if args.eval_sequences:
         import torch
 
@@ -155,6 +223,13 @@ def cmd_inspect(args) -> int:
         print(json.dumps(hf_config["quantization_config"], indent=2, sort_keys=True))
         return 0
     print(describe_checkpoint(args.checkpoint))
+    if args.plot:
+        from hq_vllm.offline.report import overrides_table, plot_calibration
+
+        hf_config, qconfig = read_checkpoint_config(args.checkpoint)
+        n = hf_config["num_hidden_layers"]
+        print(overrides_table(qconfig, n))
+        print(f"plot: {plot_calibration(qconfig, args.plot, num_layers=n)}")
     return 0
 
 
@@ -173,9 +248,9 @@ def cmd_eval(args) -> int:
         model, tokenizer, _, _ = load_checkpoint_simulated(model_dir, dtype=dtype)
         label = f"{Path(args.model).name} (checkpoint)"
     elif args.recipe:
-        model, tokenizer, _, _ = simulated_model(model_dir, _options(args), dtype=dtype)
-        label = (f"{args.recipe} {'no rotation' if args.no_rotate else args.rotation}{' gptq' if args.gptq else ''}"
-                 f"{' gbs' if args.clip_search == 'gbs' else ''}")
+        options = _options(args)
+        model, tokenizer, _, _ = simulated_model(model_dir, options, dtype=dtype)
+        label = _components(options, " ")
     else:
         model, tokenizer = load_model(model_dir, dtype=dtype)
         label = "FP"
@@ -214,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a hadaquant checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print the raw quantization_config")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the per-layer calibration plot here")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model, checkpoint or recipe")

@@ -7,7 +7,6 @@ checkpoint and its simulation cannot drift apart.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +29,12 @@ from hq_vllm.offline.calibrate import ClipSearch, begin_clip_search, check_clip_
 from hq_vllm.offline.checkpoint import read_checkpoint_config, write_checkpoint
 from hq_vllm.offline.data import calibration_batches
 from hq_vllm.offline.gptq import gptq_quantize_model
+from hq_vllm.offline.mixed_precision import MixedPrecision, check_mixed_precision_options, plan_mixed_precision
 from hq_vllm.offline.model_io import load_model, read_hf_config
 from hq_vllm.offline.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 from hq_vllm.offline.rotation import RotationOptions, head_dim_of, rotate_model, rotation_spec
 from hq_vllm.offline.simulate import Simulation, attach_simulation, decoder_linears
+from hq_vllm.offline.smoothrot import SmoothRot, check_smoothrot_options, smooth_model, smoothrot_record
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,18 @@ class QuantizeOptions:
     gbs_rounds: int = 4  # bisection rounds after the coarse grid (resolution 0.25 / 2**rounds)
     gbs_target: str = "layer"  # loss vs the FP "layer" on the same input, or the FP "model"'s output
     gbs_dtype: str = "bfloat16"  # the search's linears/attention (fake quant and loss stay float32)
+    # SmoothRot (offline/smoothrot.py): per-channel scales on the down_proj input before R4,
+    # folded into up_proj/down_proj; alpha None = searched per layer, a number = that alpha everywhere.
+    smoothrot: bool = False
+    smoothrot_alpha: float | None = None
+    smoothrot_sequences: int = 16  # calibration windows (BoolQ text disjoint from evaluation)
+    smoothrot_seq_len: int = 256
+    # Spike-aware mixed precision (offline/mixed_precision.py): keep the mp_budget projection groups
+    # whose inputs quantize worst at mp_bits (8 or 16), weights and activations; 0 = off.
+    mp_budget: int = 0
+    mp_bits: int = 8
+    mp_sequences: int = 16  # calibration windows of the measurement (BoolQ text disjoint from evaluation)
+    mp_seq_len: int = 256
 
     def __post_init__(self) -> None:
         if self.weight_method not in WEIGHT_METHODS:
@@ -111,6 +124,8 @@ class QuantizeOptions:
         if self.calib_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"calib_dtype must be 'bfloat16' or 'float32', got {self.calib_dtype!r}")
         check_clip_search_options(self)
+        check_smoothrot_options(self)
+        check_mixed_precision_options(self)
 
     def resolved_recipe(self) -> Recipe:
         if self.recipe not in RECIPES:
@@ -126,6 +141,47 @@ class QuantizeOptions:
         a = r.activation if self.act_clip is None else replace(r.activation, clip_ratio=self.act_clip)
         kv = r.kv_cache if self.kv_clip is None else replace(r.kv_cache, clip_ratio=self.kv_clip)
         return Recipe(r.name, w, a, kv)
+
+
+#: How much calibration a run does (``hadaquant quantize --method``): ``full`` is every component
+#: the recipe can use (the default), ``quarot`` the QuaRot-style baseline (rotation, GPTQ, fixed
+#: clips), ``rtn`` rotation and round-to-nearest only (seconds; no calibration text).
+METHODS = ("full", "quarot", "rtn")
+#: Spike-aware mixed precision of the full method: projection groups kept at 8 bits, 2 of a model's
+#: 4·layers groups (SmolLM2: 2 of 120, a few % more weight bytes). They are ranked by the layer
+#: output error their quantization causes (offline/mixed_precision.py): on rotated SmolLM2 at
+#: W4A4KV4 that picks 23.qkv and 0.gate_up. At 16-bit activations nothing is raised.
+FULL_MP_BUDGET = 2
+
+
+def method_options(method: str, recipe: str, **overrides) -> QuantizeOptions:
+    """The options of ``method`` (see :data:`METHODS`) for ``recipe``, then ``overrides``.
+
+    ``full`` = rotation + GPTQ + GBS clip search (when activations or the KV cache are quantized)
+    + SmoothRot (when activations are quantized) + spike-aware mixed precision
+    (:data:`FULL_MP_BUDGET` groups at 8 bits, when activations are quantized).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    r = RECIPES[recipe]
+    runtime_quant = r.activation.bits < 16 or r.kv_cache.bits < 16
+    acts = r.activation.bits < 16
+    weights = r.weight.bits < 16
+    base: dict = dict(recipe=recipe, rotate=True)
+    if method in ("full", "quarot") and weights:
+        base["weight_method"] = "gptq"
+    if method == "full":
+        base.update(clip_search="gbs" if runtime_quant else "fixed", smoothrot=acts,
+                    mp_budget=FULL_MP_BUDGET if acts else 0, mp_bits=8)
+    base.update(overrides)
+    return QuantizeOptions(**base)
+
+
+def full_options(recipe: str, **overrides) -> QuantizeOptions:
+    """``method_options("full", recipe, **overrides)``: the recipe with every calibration component."""
+    return method_options("full", recipe, **overrides)
 
 
 def fit_group_size(requested: int, in_features: list[int]) -> int:
@@ -204,6 +260,8 @@ class PreparedModel:
     hf_config: dict
     seconds: float
     clip_search: ClipSearch | None = None  # set by quantize_model_weights with clip_search="gbs"
+    smoothrot: SmoothRot | None = None  # set by prepare_model with options.smoothrot
+    mixed_precision: MixedPrecision | None = None  # set by quantize_model_weights with options.mp_budget > 0
 
 
 def prepare_model(model_dir: str | Path, options: QuantizeOptions, *, device: str | torch.device = "cpu",
@@ -220,9 +278,17 @@ def prepare_model(model_dir: str | Path, options: QuantizeOptions, *, device: st
     model.to(device)
     torch.manual_seed(options.seed)
     hd = head_dim_of(model.config)
+    smoothing: list[SmoothRot] = []
+
+    def smooth(m: nn.Module, r4_block: int | None) -> None:
+        """SmoothRot at the down_proj specs the checkpoint will have (norms fused, before R4)."""
+        ids = calibration_batches(tokenizer, options.smoothrot_seq_len, options.smoothrot_sequences, options.seed)
+        smoothing.append(smooth_model(m, ids, recipe.activation, _fitted_weight_spec(recipe.weight, m),
+                                      r4_block=r4_block, alpha=options.smoothrot_alpha, progress=progress))
+
     if options.rotate:
         rot_opts = replace(options.rotation, seed=options.seed)
-        applied = rotate_model(model, rot_opts, progress=progress)
+        applied = rotate_model(model, rot_opts, progress=progress, before_r4=smooth if options.smoothrot else None)
         rotation = RotationSpec(
             r1=applied.r1,
             r2=applied.r2,
@@ -235,13 +301,23 @@ def prepare_model(model_dir: str | Path, options: QuantizeOptions, *, device: st
         )
     else:
         rotation = RotationSpec()
+        if options.smoothrot:
+            smooth(model, None)
     hf_config = model.config.to_dict()
-    ks = [lin.in_features for lin in decoder_linears(model).values()]
-    weight = recipe.weight
-    if weight.bits < 16:
-        weight = replace(weight, group_size=fit_group_size(weight.group_size, ks))
+    weight = _fitted_weight_spec(recipe.weight, model)
     config = build_quant_config(recipe, rotation, hf_config, options, weight)
-    return PreparedModel(model, tokenizer, config, hf_config, time.perf_counter() - start)
+    if smoothing:
+        config = replace(config, calibration={**config.calibration, **smoothrot_record(options, smoothing[0])})
+    return PreparedModel(model, tokenizer, config, hf_config, time.perf_counter() - start,
+                         smoothrot=smoothing[0] if smoothing else None)
+
+
+def _fitted_weight_spec(weight: WeightQuantSpec, model: nn.Module) -> WeightQuantSpec:
+    """The recipe's weight spec with its group size fitted to the model's linear input sizes."""
+    if weight.bits >= 16:
+        return weight
+    ks = [lin.in_features for lin in decoder_linears(model).values()]
+    return replace(weight, group_size=fit_group_size(weight.group_size, ks))
 
 
 def quantize_linears(model: nn.Module, config: HadaquantConfig, *, progress: bool = True, pack: bool = True,
@@ -286,6 +362,9 @@ def quantize_model_weights(prepared: PreparedModel, options: QuantizeOptions, *,
     (offline/calibrate.py): the full-precision layer outputs are recorded first, the search runs
     on the quantized weights, and ``prepared.config`` / ``prepared.clip_search`` get the result.
     """
+    # Mixed precision first: the clip search and GPTQ then see the kept groups' raised bits.
+    prepared.config, prepared.mixed_precision = plan_mixed_precision(prepared.model, prepared.config,
+                                                                     prepared.tokenizer, options, progress=progress)
     search = begin_clip_search(prepared.model, prepared.config, prepared.tokenizer, options, progress=progress)
     quantized = None
     if options.weight_method == "gptq" and any(
@@ -330,6 +409,8 @@ class QuantizeSummary:
     seconds: float
     weight_method: str = "rtn"
     clip_search: ClipSearch | None = None
+    smoothrot: SmoothRot | None = None
+    mixed_precision: MixedPrecision | None = None
 
     def render(self) -> str:
         w = self.weight
@@ -344,6 +425,12 @@ class QuantizeSummary:
         ]
         if self.clip_search is not None:
             lines += [f"  clips         {self.clip_search.describe()}", self.clip_search.table()]
+        if self.smoothrot is not None:
+            lines.append(f"  smoothing     {self.smoothrot.describe()}")
+            if not self.smoothrot.skipped:
+                lines.append(self.smoothrot.table())
+        if self.mixed_precision is not None:
+            lines += [f"  mixed prec.   {self.mixed_precision.describe()}", self.mixed_precision.table()]
         return "\n".join(lines)
 
 
@@ -364,7 +451,8 @@ def quantize_to_checkpoint(model_dir: str | Path, out_dir: str | Path, options: 
                      linears=linears)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return QuantizeSummary(out, prepared.config.recipe, options.rotate, prepared.config.weight, len(packed), size,
-                           time.perf_counter() - start, options.weight_method, prepared.clip_search)
+                           time.perf_counter() - start, options.weight_method, prepared.clip_search,
+                           prepared.smoothrot, prepared.mixed_precision)
 
 
 def simulated_model(model_dir: str | Path, options: QuantizeOptions, *, progress: bool = True,

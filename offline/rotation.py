@@ -31,6 +31,7 @@ arithmetic; the tests check the logits in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -341,10 +342,14 @@ class AppliedRotations:
     original_intermediate_size: int
 
 
-def rotate_model(model: nn.Module, options: RotationOptions, *, progress: bool = False) -> AppliedRotations:
+def rotate_model(model: nn.Module, options: RotationOptions, *, progress: bool = False,
+                 before_r4: Callable[[nn.Module, int | None], None] | None = None) -> AppliedRotations:
     """Fuse norms, expand dimensions if asked, and fuse R1, R2 and the offline half of R4.
 
     Works on the model in place (any float dtype; the products run in float64).
+    ``before_r4(model, r4_block)``: called after R1 and R2, before R4 is fused into down_proj,
+    with the order of one diagonal block of the online R4 (None without R4): where SmoothRot
+    (``offline/smoothrot.py``) folds its scales into up_proj and down_proj.
     """
     config = model.config
     hidden, inter, hd = config.hidden_size, config.intermediate_size, head_dim_of(config)
@@ -369,6 +374,8 @@ def rotate_model(model: nn.Module, options: RotationOptions, *, progress: bool =
             r2 = spec(options.r2_kind, hd, options.seed + 1)
             rotate_heads(model, _matrix(r2))
         bar.update()
+        if before_r4 is not None:
+            before_r4(model, inter_new // r4_blocks if options.r4 else None)
         if options.r4:
             r4 = rotation_spec(options.r4_kind, inter_new, seed=options.seed + 2, blocks=r4_blocks)
             rotate_down_proj_input(model, _matrix(r4))

@@ -132,14 +132,32 @@ def test_expanded_checkpoint_round_trip(tiny_dirs, tmp_path):
     assert float((a - b).norm() / b.norm()) < 0.2  # 4-bit weights, same function
 
 
-def test_cli_quantize_inspect(tiny_dirs, tmp_path, capsys):
+def test_cli_quantize_inspect(smollm2_dir, tmp_path, capsys):
+    # a tiny Qwen2 whose vocabulary covers the tokenizer's: the default method calibrates on real text
+    src = tmp_path / "qwen2"
+    model = tiny_model("qwen2", hidden=64, intermediate=128)
+    model.resize_token_embeddings(49152, mean_resizing=False)
+    model.save_pretrained(src)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(smollm2_dir) / name, src / name)
     out = tmp_path / "ckpt"
-    assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(out), "--recipe", "w4a4kv4", "--group-size", "32"]) == 0
-    assert cli_main(["inspect", str(out)]) == 0
+    small = [f"--{k}-{v}" for k in ("calib", "gbs", "smoothrot", "mp") for v in ("sequences", "seq-len")]
+    small = [a for flag in small for a in (flag, "4" if flag.endswith("sequences") else "64")]
+    # the default method: GPTQ + GBS + SmoothRot + mixed precision, each recorded in the config
+    assert cli_main(["quantize", str(src), str(out), "--recipe", "w4a4kv4", "--group-size", "32", *small]) == 0
+    text = capsys.readouterr().out
+    assert "GPTQ" in text and "GBS" in text and "per layer" in text
+    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli_main(["inspect", str(out), "--plot", str(tmp_path / "again.png")]) == 0
     text = capsys.readouterr().out
     assert "4-bit" in text and "r4" in text and "qweight" in text
+    assert (tmp_path / "again.png").exists()
     assert cli_main(["inspect", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["recipe"] == "w4a4kv4"
+    qc = json.loads(capsys.readouterr().out)
+    assert qc["recipe"] == "w4a4kv4" and "smoothrot" in qc["calibration"]
+    raised = [k for k, v in qc["layers"].items() if v.get("act_bits") == 8]
+    assert raised, "the full method keeps the spikiest projection groups at 8 bits"
+    assert any(v.get("act_clip_ratio") is not None for v in qc["layers"].values())  # GBS clips
     with pytest.raises(SystemExit, match="neither a model directory"):
         cli_main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x")])
 
@@ -229,14 +247,14 @@ def test_r4_blocks_recorded_with_tp_sizes(tiny_dirs, tmp_path, r4_blocks, tp_siz
 def test_cli_r4_blocks(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "ckpt"
     assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(out), "--recipe", "w4a16", "--group-size", "32",
-                     "--r4-blocks", "2", "--seed", "3"]) == 0
+                     "--r4-blocks", "2", "--seed", "3", "--method", "rtn"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["rotation"]["r4"]["blocks"] == 2 and qc["tp_sizes"] == [1, 2]
     again = tmp_path / "again"
     assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(again), "--recipe", "w4a16", "--group-size", "32",
-                     "--r4-blocks", "2", "--seed", "3"]) == 0
+                     "--r4-blocks", "2", "--seed", "3", "--method", "rtn"]) == 0
     assert tree_digest(out) == tree_digest(again)  # same seed, same bytes
     capsys.readouterr()
     assert cli_main(["quantize", str(tiny_dirs["qwen2"]), str(tmp_path / "bad"), "--recipe", "w4a16",
-                     "--r4-blocks", "3"]) == 2
+                     "--r4-blocks", "3", "--method", "rtn"]) == 2
     assert "r4_blocks = 3" in capsys.readouterr().err
