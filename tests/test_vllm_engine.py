@@ -81,6 +81,9 @@ CONFIGS = {
     "w3a16": ("w3", A16, KV16),
     "w3a16kv3": ("w3", A16, KV3),
     "w3a3kv3": ("w3", A3, KV3),
+    # spike-aware mixed precision (the default method's): 2 projection groups kept at 8-bit
+    # weights and activations, i.e. per-linear bit overrides inside merged qkv / gate_up layers
+    "w4a4kv4_mp8": ("w4mp8", A4, KV4),
 }
 #: Configs without any run-time quantization: continuous, so compared on free-running greedy
 #: tokens too.
@@ -88,7 +91,7 @@ GREEDY = ("w4a16", "w3a16")
 #: Configs with quantized activations or KV cache: compared with an ensemble of perturbed
 #: simulator runs (a 4-bit KV cache alone makes the simulator disagree with itself, perturbed
 #: by 1e-6, at ~11% of teacher-forced top-1 positions and by ~0.5% in perplexity).
-SPREAD = ("w4a16kv4", "w3a16kv3", "w4a4kv4", "w3a3kv3")
+SPREAD = ("w4a16kv4", "w3a16kv3", "w4a4kv4", "w3a3kv3", "w4a4kv4_mp8")
 #: Extra engines on a config's checkpoint with other engine settings, compared with that
 #: config's simulator: chunked prefill (64-token chunks, so every 256-token window is prefilled
 #: in 4 chunks that attend to the packed cache) and prefix caching (prompts served twice).
@@ -147,7 +150,9 @@ def run(tmp_path_factory):
     base = Path(cached_model_dir("smollm2"))
     # The *kv* recipes record R3 (every rotated checkpoint does); weights depend only on "w4"/"w3".
     weights = {"w4": quantized_checkpoint(base, root / "w4", "w4a4kv4", mse_clip=False),
-               "w3": quantized_checkpoint(base, root / "w3", "w3a3kv3", mse_clip=False)}
+               "w3": quantized_checkpoint(base, root / "w3", "w3a3kv3", mse_clip=False),
+               "w4mp8": quantized_checkpoint(base, root / "w4mp8", "w4a4kv4", mse_clip=False, mp_budget=2,
+                                             mp_bits=8, mp_sequences=4, mp_seq_len=128)}
     ckpts = {}
     for name, (w, act, kv) in CONFIGS.items():
         ckpts[name] = root / name
@@ -206,7 +211,7 @@ def run(tmp_path_factory):
     timings["engines"] = time.perf_counter() - t1
     (root / "timings.json").write_text(json.dumps(timings))
     (root / "simulator.json").write_text(json.dumps(sim))  # beside the runners' results, for triage
-    return {"sim": sim, "vllm": results, "timings": timings}
+    return {"sim": sim, "vllm": results, "timings": timings, "ckpts": ckpts}
 
 
 def _engine(run, name: str) -> dict:
@@ -236,6 +241,20 @@ def test_perplexity_and_top1_match_simulator(run, name, min_top1):
 def test_run_time_quantization_within_the_simulators_own_spread(run, name):
     _ppl(_engine(run, name))
     assert_within_spread(_engine(run, name), run["sim"][name])
+
+
+def test_mixed_precision_checkpoint_really_has_raised_groups(run):
+    """The w4a4kv4_mp8 engine above served per-linear 8-bit overrides (so the spread test covers
+    them): 2 groups, with merged siblings (q/k/v, gate/up) raised together."""
+    layers = json.loads((run["ckpts"]["w4a4kv4_mp8"] / "config.json").read_text())["quantization_config"]["layers"]
+    raised = {k for k, v in layers.items() if v.get("weight_bits") == 8 and v.get("act_bits") == 8}
+    merged = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    groups = {k.rsplit(".", 1)[0] + "." + merged.get(k.rsplit(".", 1)[1], k.rsplit(".", 1)[1]) for k in raised}
+    assert len(groups) == 2, sorted(raised)
+    for k in raised:
+        for a, b in (("q_proj", "k_proj"), ("q_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if k.endswith(a):
+                assert k.replace(a, b) in raised
 
 
 def test_chunked_prefill_and_prefix_caching_keep_the_packed_cache_right(run):

@@ -40,12 +40,14 @@ def truncated_smollm2(out_dir: Path, num_layers: int = NUM_LAYERS) -> Path:
     return out_dir
 
 
-def quantized_checkpoint(model_dir: Path, out_dir: Path, recipe: str, *, mse_clip: bool | None = None) -> Path:
+def quantized_checkpoint(model_dir: Path, out_dir: Path, recipe: str, *, mse_clip: bool | None = None,
+                         **options) -> Path:
     """Run the offline pipeline. ``mse_clip=False`` skips the clip search (4x faster on the
-    whole model; parity with the simulator does not depend on how the weight grid was chosen)."""
+    whole model; parity with the simulator does not depend on how the weight grid was chosen);
+    ``options``: further QuantizeOptions fields (e.g. ``mp_budget`` for per-linear bit overrides)."""
     from hq_vllm.offline.pipeline import QuantizeOptions, quantize_to_checkpoint
 
-    options = QuantizeOptions(recipe=recipe, mse_clip=mse_clip)
+    options = QuantizeOptions(recipe=recipe, mse_clip=mse_clip, **options)
     quantize_to_checkpoint(model_dir, out_dir, options, progress=False)
     return out_dir
 
