@@ -4,7 +4,8 @@
   (``kernels/`` is mapped to ``hq_vllm.kernels`` by pyproject.toml's package-dir), so the scripts
   run on the GPU machine with nothing installed.
 * :func:`hbm_copy_bandwidth` is the roofline every "% HBM" is measured against.
-* :func:`graph_time` times calls replayed as one CUDA graph (kernel plus launch gap, no Python).
+* :func:`graph_time` times calls replayed as one CUDA graph (kernel plus launch gap, no Python);
+  :func:`wall_time` is its stand-in for ``--dry-run`` on a CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import importlib.util
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -81,3 +83,11 @@ def graph_time(fn, count: int, reps: int = 5) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / count)
     return statistics.median(times)
+
+
+def wall_time(fn, count: int, reps: int = 1) -> float:
+    """Wall-clock seconds per call of ``count`` calls: the timers' stand-in for CPU dry runs."""
+    t = time.perf_counter()
+    for i in range(count):
+        fn(i)
+    return (time.perf_counter() - t) / count

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels
+from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels, wall_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,13 +163,7 @@ def _dry_run_setup() -> None:
     ROTATE_BYTES = 1
     hbm_copy_bandwidth = lambda device: 1.0  # noqa: E731
 
-    def wall(fn, count, reps=1):
-        t = time.perf_counter()
-        for i in range(count):
-            fn(i)
-        return (time.perf_counter() - t) / count
-
-    kernel_time = graph_time = wall
+    kernel_time = graph_time = wall_time
 
 
 def main() -> None:

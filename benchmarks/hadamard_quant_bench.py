@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels
+from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels, wall_time
 
 ROOT = Path(__file__).resolve().parents[1]
 ROTATE_BYTES = 256 << 20  # input copies per size: at least this many bytes (L2 is 50-60 MB)
@@ -185,13 +185,7 @@ def _dry_run_setup() -> None:
     DEVICE, ROTATE_BYTES = "cpu", 1
     hbm_copy_bandwidth = lambda: 1.0  # noqa: E731
 
-    def wall(fn, count, reps=1):
-        t = time.perf_counter()
-        for i in range(count):
-            fn(i)
-        return (time.perf_counter() - t) / count
-
-    graph_time = wall
+    graph_time = wall_time
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels
+from cuda_bench import graph_time, hbm_copy_bandwidth, import_kernels, wall_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,13 +274,7 @@ def _dry_run_setup() -> None:
     REFERENCE_CASE = ("tiny-gqa", 2, 32, 3)
     hbm_copy_bandwidth = lambda device: 1.0  # noqa: E731
 
-    def wall(fn, count, reps=1):
-        t = time.perf_counter()
-        for i in range(count):
-            fn(i)
-        return (time.perf_counter() - t) / count
-
-    event_time = graph_time = wall
+    event_time = graph_time = wall_time
     correctness = lambda device: []  # noqa: E731  (tests/test_paged_attention.py covers it on CPU)
 
 

@@ -173,19 +173,17 @@ def _components(options, sep: str) -> str:
     return sep.join(parts)
 
 
-def _report_calibration(ckpt) -> None:
-    """Print the per-layer table of a checkpoint's calibrated settings and draw calibration.png beside it."""
+def _report_calibration(ckpt, png, *, table: bool) -> None:
+    """Draw a checkpoint's per-layer calibration plot at ``png`` (and print its per-layer table)."""
     from hq_vllm.offline.checkpoint import read_checkpoint_config
     from hq_vllm.offline.report import overrides_table, plot_calibration
 
     hf_config, qconfig = read_checkpoint_config(ckpt)
-    if not qconfig.layers and not qconfig.calibration:
-        return
     n = hf_config["num_hidden_layers"]
-    print("  per layer     clip ratios (activations, K/V), raised bits, SmoothRot alpha")
-    print(overrides_table(qconfig, n))
-    png = plot_calibration(qconfig, Path(ckpt) / "calibration.png", num_layers=n)  # same bytes for a seed
-    print(f"  plot          {png}")
+    if table:
+        print("  per layer     clip ratios (activations, K/V), raised bits, SmoothRot alpha")
+        print(overrides_table(qconfig, n))
+    print(f"  plot          {plot_calibration(qconfig, png, num_layers=n)}")
 
 
 def cmd_quantize(args) -> int:
@@ -196,7 +194,9 @@ def cmd_quantize(args) -> int:
     out = args.out_dir or f"runs/{Path(args.model).name}-{_components(options, '-')}"
     summary = quantize_to_checkpoint(model_dir, out, options, overwrite=args.overwrite)
     print(summary.render())
-    _report_calibration(out)
+    if any(r is not None for r in (summary.clip_search, summary.smoothrot, summary.mixed_precision)):
+        # the summary above already lists the searched clips, SmoothRot alphas and raised groups
+        _report_calibration(out, Path(out) / "calibration.png", table=False)  # same bytes for a seed
     if args.eval_sequences:
         import torch
 
@@ -224,12 +224,7 @@ def cmd_inspect(args) -> int:
         return 0
     print(describe_checkpoint(args.checkpoint))
     if args.plot:
-        from hq_vllm.offline.report import overrides_table, plot_calibration
-
-        hf_config, qconfig = read_checkpoint_config(args.checkpoint)
-        n = hf_config["num_hidden_layers"]
-        print(overrides_table(qconfig, n))
-        print(f"plot: {plot_calibration(qconfig, args.plot, num_layers=n)}")
+        _report_calibration(args.checkpoint, args.plot, table=True)
     return 0
 
 
