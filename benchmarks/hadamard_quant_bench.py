@@ -161,6 +161,63 @@ def bench(fwht, hq, n: int, t: int, bits: int, clip: float, blocks: int, hbm: fl
     return row
 
 
+def diagnose(hq, n: int, t: int, bits: int, clip: float) -> list[str]:
+    """Where the fused kernel and the reference disagree at size ``n`` (GPU triage): against the
+    float32 reference and a float64 one, by token and by row of the left factor, per variant
+    (warps, right-factor width, one accumulator segment, row-by-row launches)."""
+    g = torch.Generator(device=DEVICE).manual_seed(n * 31 + t)
+    x = torch.randn(t, n, generator=g, device=DEVICE)
+    x[:, torch.randint(0, n, (4,), generator=g, device=DEVICE)] *= 25.0
+    x = x.bfloat16()
+    ref_codes, ref_scales = hq.hadamard_quant_reference(x, bits, clip)
+    exact = hq._rotate_reference(x.double(), 1).to(x.dtype)  # float64 rotation, rounded to bf16
+    ex_codes, ex_scales = hq.quantize_per_token_reference(exact, bits, clip)
+    lines = [f"N={n} T={t}: float32 reference vs float64 one: codes off {float((ref_codes != ex_codes).float().mean()):.1e}, "
+             f"scale max rel {float(((ref_scales - ex_scales).abs() / ex_scales).max()):.1e}"]
+
+    def one_segment(r):
+        return (hq._next_pow2(hq._round_up(r, hq._MIN_DOT)), 0)
+
+    def big_first(r):
+        s0, s1 = saved_segments(r)
+        return (s1, s0) if s1 > s0 else (s0, s1)
+
+    saved_segments = hq._segments
+    variants = [("default", {}), ("big seg 1st", {"_segments": big_first}), ("warps 4", {"num_warps": 4}), ("warps 16", {"num_warps": 16}),
+                ("B <= 64", {"_MAX_RIGHT": 64}), ("B <= 32", {"_MAX_RIGHT": 32}),
+                ("one segment", {"_segments": one_segment}), ("fp16 pass", {"_FP16_MAX_BITS": 8}),
+                ("stages 1", {"_NUM_STAGES": 1}), ("no .ca", {"_LEFT_TABLE_CACHE": ""})]
+    for name, config in variants:
+        saved = _apply_config(hq, config)
+        try:
+            plan = hq._plan(n, 1, bits > hq._FP16_MAX_BITS)
+            codes, scales = hq.hadamard_quant(x, bits, clip)
+            rows = [hq.hadamard_quant(x[i:i + 1], bits, clip) for i in range(min(t, 16))]
+            torch.cuda.synchronize() if DEVICE == "cuda" else None
+        except Exception as e:
+            lines.append(f"  {name}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        finally:
+            _restore(hq, saved)
+        off = codes != ref_codes
+        off_ex = codes != ex_codes
+        tok = off.any(-1)
+        per_row = torch.cat([c for c, _ in rows]) != ref_codes[: len(rows)]
+        desc = f"plan b={plan.b} r={plan.r} seg={plan.seg0}+{plan.seg1} ch={plan.ch}x{plan.nch} warps={plan.num_warps}"
+        if off.any() and not plan.rows_mode:
+            # channel c = left row * b + column; which left rows carry the mismatches
+            lrow = (torch.nonzero(off)[:, 1] // plan.b).float()
+            where = (f"left rows of mismatches: min {int(lrow.min())} max {int(lrow.max())}, "
+                     f"{float((lrow >= plan.seg0).float().mean()):.0%} in the 2nd segment")
+        else:
+            where = ""
+        lines.append(f"  {name:12s} {desc}: off vs ref {float(off.float().mean()):.1e} "
+                     f"(max {int((codes.int() - ref_codes.int()).abs().max())}), vs float64 {float(off_ex.float().mean()):.1e}, "
+                     f"tokens hit {int(tok.sum())}/{t}, scale max rel {float(((scales - ref_scales).abs() / ref_scales).max()):.1e}, "
+                     f"row-by-row off {float(per_row.float().mean()):.1e}; {where}")
+    return lines
+
+
 def compile_check(hq) -> str:
     """The custom ops under torch.compile(fullgraph=True, aot_eager): no graph break."""
     x = torch.randn(8, 4096, device=DEVICE).bfloat16()
@@ -199,6 +256,8 @@ def main() -> None:
     p.add_argument("--configs", type=json.loads, default=[{}, {"_FP16_MAX_BITS": 8}],
                    help='JSON list of tunable overrides, e.g. \'[{}, {"_FP16_MAX_BITS": 8}, {"num_warps": 16}]\'')
     p.add_argument("--out", type=Path, help="JSON file (default under benchmarks/results/)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only locate mismatches against the reference per --n (T = first --t) and variant")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU smoke test of this script: interpreter, wall-clock timers (use small --n/--t)")
     args = p.parse_args()
@@ -217,6 +276,10 @@ def main() -> None:
     print(header, flush=True)
     hbm = hbm_copy_bandwidth()
     print(f"HBM device-to-device copy: {hbm:.0f} GB/s (read + written)", flush=True)
+    if args.diagnose:
+        for n in args.n:
+            print("\n".join(diagnose(hq, n, args.t[0], args.bits, args.clip)), flush=True)
+        return
     if not args.dry_run:  # (the compile check needs a CUDA tensor for the kernel path)
         print(compile_check(hq), flush=True)
     out = args.out or ROOT / "benchmarks" / "results" / (
