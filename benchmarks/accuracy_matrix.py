@@ -93,11 +93,15 @@ def run_one(label: str, options: QuantizeOptions | None, args, model_dir: Path, 
         model, tokenizer, _, _ = simulated_model(model_dir, options, dtype=dtype, device=args.device, progress=False)
     calib_s = time.perf_counter() - start
     tasks = tuple(t for t in args.tasks.split(",") if t)
+    # GPU batches sized for SmolLM2's 49k vocabulary, shrunk for larger ones (Qwen's 152k): the
+    # float32 logits [tokens, V] dominate memory when several configurations share the GPU.
+    shrink = max(1.0, json.loads((model_dir / "config.json").read_text()).get("vocab_size", 49152) / 49152)
     with torch.inference_mode():
         result = evaluate(model, tokenizer, seq_len=args.seq_len, tasks=tasks, limit=args.limit,
-                          ppl_max_sequences=args.ppl_sequences, ppl_batch_size=4 if on_cpu else 32,
+                          ppl_max_sequences=args.ppl_sequences,
+                          ppl_batch_size=4 if on_cpu else max(1, int(32 / shrink)),
                           task_batch_size=64 if on_cpu else 512,
-                          task_max_batch_tokens=args.batch_tokens or (2048 if on_cpu else 32768))
+                          task_max_batch_tokens=args.batch_tokens or (2048 if on_cpu else int(32768 / shrink)))
     result.update(
         label=label, model=args.model, dtype=args.dtype,
         device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

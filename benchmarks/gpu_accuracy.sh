@@ -94,6 +94,7 @@ case $mode in
     cat $(awk '{print "/tmp/b/"$2}' .gpu/acc/manifest) | tar -x -C $SITE --skip-old-files
     ls $SITE/pkgs ;;
   start)
+    [[ ${REFRESH_CODE:-0} == 1 ]] && rm -rf $SITE/code   # no job running: take this call's code
     # each SPEC is its own background job (jobs run side by side on the one GPU)
     shift; env_setup
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -119,7 +120,7 @@ case $mode in
     limit=${2:-500}; t0=$(date +%s)
     running() { for j in $RESULTS/job-*.sh; do [[ -f ${j%.sh}.finished ]] || return 0; done; return 1; }
     while running && (( $(date +%s) - t0 < limit )); do sleep 10; done
-    for f in $RESULTS/*.log; do echo "== $f"; grep -E "^(done|FAILED|stopped)|Error" "$f" | tail -40; done
+    for f in $RESULTS/*.log; do echo "== $f"; grep -E "^(done|FAILED|stopped)|Error" "$f" | tail -40 || true; done
     find $RESULTS -name "*.json" | wc -l
     cat $RESULTS/*.md 2>/dev/null || true
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
