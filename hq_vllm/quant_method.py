@@ -22,11 +22,15 @@ Weights in memory: ``qweight`` / ``scales`` / ``qzeros`` keep the checkpoint's p
 (``hq_vllm/format.py``) and stay the source of truth. On CUDA, for 3- and 4-bit weights, they are
 all there is: ``apply`` calls the Triton dequant GEMM (``kernels/gemm.py``) through the opaque
 custom op ``torch.ops.hadaquant.dequant_gemm``, which reads ``qweight`` directly (no host sync,
-so torch.compile and CUDA graphs capture it). Elsewhere (the CPU platform, other bit widths) the
-torch reference path runs: ``process_weights_after_loading`` also materializes the dequantized
-weight in the activation dtype (``hq_weight``), which costs 2 bytes (bf16) or 4 bytes (fp32) per
-weight on top of the ``bits / 8`` packed bytes, and ``apply`` is ``F.linear`` (bit for bit the
-simulator's).
+so torch.compile and CUDA graphs capture it). Linears whose activations are quantized to <= 8
+bits symmetrically go through ``torch.ops.hadaquant.packed_linear`` instead, which at prefill
+sizes (:data:`INT8_GEMM_MIN_TOKENS` tokens and more) quantizes the input to int8 codes and runs
+the int8 tensor-core GEMM (``kernels/int8_gemm.py``), and below that does exactly the above
+(``HADAQUANT_INT8_GEMM=0`` turns the int8 path off). Elsewhere (the CPU platform, other bit
+widths) the torch reference path runs: ``process_weights_after_loading`` also materializes the
+dequantized weight in the activation dtype (``hq_weight``), which costs 2 bytes (bf16) or 4 bytes
+(fp32) per weight on top of the ``bits / 8`` packed bytes, and ``apply`` is ``F.linear`` (bit for
+bit the simulator's).
 
 Tensor parallelism, with the parameter classes of ``vllm/model_executor/parameter.py``:
 
@@ -108,6 +112,8 @@ from hq_vllm.format import (
 from hq_vllm.kernels.fwht import block_hadamard_transform
 from hq_vllm.kernels.hadamard_quant import hadamard_quant  # fused rotation + quantization (CUDA)
 from hq_vllm.kernels.gemm import KERNEL_BITS as PACKED_GEMM_BITS  # registers hadaquant::dequant_gemm
+from hq_vllm.kernels.gemm import dequant_gemm
+from hq_vllm.kernels.int8_gemm import INT8_GEMM_BITS, int8_gemm, quantize_per_token
 
 __all__ = [
     "HadaquantLinearMethod",
@@ -447,6 +453,87 @@ def _(x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, symmetric: bo
     return torch.empty_like(x)
 
 
+#: Tokens (rows of the linear's input) from which a linear with <= 8-bit symmetric activations
+#: runs the int8 tensor-core GEMM on int8 activation codes (``kernels/int8_gemm.py``) instead of
+#: fake quantization + the weight-only dequant GEMM. Prefill-sized products only: below this the
+#: dequant GEMM's GEMV / dot paths read the packed weight at memory speed, and the int8 GEMM's
+#: tiles (16-128 rows) would be mostly padding while it pays the unpack per tile all the same.
+#: 64 is a first guess; benchmarks/int8_gemm_bench.py (``--m``) is what should set it.
+INT8_GEMM_MIN_TOKENS = 64
+#: ``HADAQUANT_INT8_GEMM=0`` keeps every linear on the fake-quantization + dequant GEMM path.
+_INT8_GEMM = os.environ.get("HADAQUANT_INT8_GEMM", "1") != "0"
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def int8_gemm_eligible(weight_bits: int, act_bits: int, act_symmetric: bool) -> bool:
+    """Whether a packed linear can take the int8 path at all (decided once per layer, at build
+    time): activation codes that fit int8 and need no zero point, weights the kernel unpacks
+    (any group size the format allows)."""
+    return _INT8_GEMM and act_bits <= 8 and act_symmetric and weight_bits in INT8_GEMM_BITS
+
+
+def quantize_input_codes(
+    x: torch.Tensor, rotate: bool, bits: int, clip_ratio: float, block_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online R4 (``rotate``) then symmetric per-token quantization: int8 codes ``[..., K]`` and
+    float32 scales ``[...]``, the codes of :func:`quantize_linear_input` (whose output is
+    ``codes * scales`` rounded to x.dtype). With a rotation and 16-bit input, the fused kernel
+    (``hadamard_quant``, as the fused fake-quantization path); otherwise the rotation, if any,
+    then ``quantize_per_token``."""
+    if rotate and _fused_input_path(x, rotate, bits, True):
+        blocks = x.shape[-1] // block_size if block_size else 1
+        return hadamard_quant(x, bits, clip_ratio, blocks)
+    if rotate:
+        x = block_hadamard_transform(x, block_size or None)
+    return quantize_per_token(x, bits, clip_ratio)
+
+
+def _runs_int8_gemm(x: torch.Tensor, tokens: int) -> bool:
+    """The runtime half of the choice: on CUDA (or under the Triton interpreter, for tests:
+    the CPU platform never gets here, its layers use ``F.linear``), at prefill sizes."""
+    return tokens >= INT8_GEMM_MIN_TOKENS and (x.is_cuda or _interpret_requested())
+
+
+@torch.library.custom_op("hadaquant::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None, bits: int, group_size: int, rotate: bool, act_bits: int,
+    clip_ratio: float, block_size: int = 0,
+) -> torch.Tensor:
+    """A packed linear with symmetric <= 8-bit activations: ``y = Q(R4(x)) @ W.T + bias``.
+
+    The token count decides the GEMM, inside this opaque op on purpose: under vLLM's
+    torch.compile the token count is symbolic, and a Python branch on it outside an op would be
+    traced once (for the profiling run's size) and then used for every size. Here it is a
+    plain int per call, also per CUDA-graph capture size, with no host synchronisation.
+
+    * ``tokens >= INT8_GEMM_MIN_TOKENS`` (prefill): int8 codes and per-token scales
+      (:func:`quantize_input_codes`), then the int8 tensor-core GEMM. The codes are the
+      simulator's; the product is exact in integers and scaled in float32, so the result is
+      the simulator's up to float32 summation order and the activation dtype's rounding of the
+      fake-quantized input (which this path skips: it is, if anything, closer to exact).
+    * otherwise: :func:`quantize_linear_input` and the weight-only dequant GEMM, as for every
+      other linear.
+    """
+    k = x.shape[-1]
+    tokens = x.numel() // k if k else 0
+    if _runs_int8_gemm(x, tokens):
+        codes, a_scales = quantize_input_codes(x, rotate, act_bits, clip_ratio, block_size)
+        y = int8_gemm(codes.reshape(tokens, k), a_scales.reshape(tokens), qweight, scales, qzeros, bias,
+                      bits, group_size, x.dtype)
+        return y.reshape(*x.shape[:-1], qweight.shape[1])
+    xq = quantize_linear_input(x, rotate, act_bits, clip_ratio, True, block_size)
+    return dequant_gemm(xq, qweight, scales, qzeros, bits, group_size, bias=bias)
+
+
+@packed_linear.register_fake
+def _(x, qweight, scales, qzeros, bias, bits, group_size, rotate, act_bits, clip_ratio, block_size=0):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
 class _OnlineInput:
     """What happens to a linear's input before its GEMM: optional R4, then activation quant.
 
@@ -518,6 +605,9 @@ class HadaquantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.weight_spec = quant_config.config.effective_weight_spec(prefix)
         self.online_input = _OnlineInput(quant_config, prefix)
+        a, w = self.online_input.act_spec, self.weight_spec
+        #: prefill through the int8 GEMM (``packed_linear``) where the packed GEMM runs
+        self.int8_gemm = int8_gemm_eligible(w.bits, a.bits, a.symmetric)
 
     def create_weights(
         self,
@@ -597,6 +687,11 @@ class HadaquantLinearMethod(LinearMethodBase):
         if getattr(layer, "hq_packed_gemm", False):
             spec = self.weight_spec
             qzeros = None if spec.symmetric else layer.qzeros
+            if self.int8_gemm:  # the token count picks int8 (prefill) or dequant GEMM, per call
+                inp, a = self.online_input, self.online_input.act_spec
+                return torch.ops.hadaquant.packed_linear(
+                    x, layer.qweight, layer.scales, qzeros, bias, spec.bits, spec.group_size,
+                    inp.r4_size is not None, a.bits, a.clip_ratio, inp.r4_block_size or 0)
             return torch.ops.hadaquant.dequant_gemm(self.online_input(x), layer.qweight, layer.scales,
                                                     qzeros, bias, spec.bits, spec.group_size)
         return F.linear(self.online_input(x), layer.hq_weight, bias)
