@@ -2,6 +2,8 @@
 device's measured HBM bandwidth and against torch's bf16 matmul, at decode batch sizes.
 
     PYTHONPATH=. python benchmarks/gemm_bench.py [--bits 3 4] [--m 1 16 64] [--sweep] [--out DIR]
+    PYTHONPATH=. python benchmarks/gemm_bench.py --sweep --bits 3 4 --m 1 2 4 8 --out DIR  # GEMV sweep
+    python benchmarks/gemm_bench.py --sass          # CPU only: registers / SASS of the GEMV tiles
 
 Shapes: Llama-2-7B (4096 -> 12288 qkv, 4096 -> 4096 o, 4096 -> 22016 gate_up, 11008 -> 4096 down)
 and Qwen2.5-7B (3584 -> 4608 qkv, 3584 -> 3584 o, 3584 -> 37888 gate_up, 18944 -> 3584 down),
@@ -9,9 +11,17 @@ random packed weights, group size 128, symmetric. Bytes counted: packed weights 
 activations read, output written. Times: CUDA-profiler kernel durations (the kernel alone, what
 the roofline is about) and CUDA-graph replay per call (kernel plus the launch gap in a graph).
 Weights rotate over enough copies that each pass is several times the L2. The HBM ceiling is a
-large device-to-device copy (bytes read + written). ``--sweep`` also times the tile
-configurations listed in SWEEP and reports the best one per shape. Prints a table last; with
-``--out`` writes the full results as JSON.
+large device-to-device copy (bytes read + written). ``--sweep`` first checks every GEMV sweep
+tile against the reference (M = 1..8, W3/W4, sym/asym, ragged N and K), then also times the
+configurations of SWEEP at every shape: for M = 1 the GEMV tiles (block_n, block_k, warps) x
+resident-warps targets (HQ_GEMM_GEMV_WARPS_PER_SM); for 2 <= M <= 8 the default GEMV against
+the dot path (HQ_GEMM_GEMV_MAX_M). It reports the best per shape and, last, a summary per
+configuration (mean % HBM over the shapes) from which the defaults are picked; they are set
+without code edits by the HQ_GEMM_GEMV_* environment variables (kernels/gemm.py). ``--budget-s``
+stops the sweep in time to print. ``--sass`` compiles the GEMV tiles for sm_90 on the CPU and
+prints registers, spills, shared memory, inner-loop SASS instructions per weight, load widths
+and the resident warps per SM the registers allow. Prints a table last; with ``--out`` writes
+the full results as JSON.
 """
 
 from __future__ import annotations
@@ -42,13 +52,11 @@ SHAPES = [  # (model, layer, K, N)
     ("qwen2.5-7b", "down", 18944, 3584),
 ]
 GROUP = 128
-#: Tile configurations timed with --sweep: (use_dot, block_n, block_k, num_warps, programs/SM).
-SWEEP = {
-    "gemv": [(False, 256, 32, 1, 2), (False, 256, 32, 1, 4), (False, 256, 32, 1, 8), (False, 256, 64, 1, 2),
-             (False, 256, 64, 1, 4), (False, 512, 32, 1, 4), (False, 512, 32, 2, 4), (False, 128, 64, 1, 4)],
-    "dot": [(True, 64, 512, 4, 4), (True, 128, 512, 4, 4), (True, 128, 512, 8, 4), (True, 64, 512, 4, 8),
-            (True, 256, 512, 8, 4)],
-}
+#: --sweep, M = 1: GEMV tiles (block_n, block_k, num_warps) x resident-warp targets per SM (the
+#: split-K heuristic's HQ_GEMM_GEMV_WARPS_PER_SM); the dot path's default is timed beside them.
+SWEEP_GEMV_TILES = [(256, 128, 4), (512, 128, 4), (256, 256, 8), (256, 64, 2), (128, 128, 4), (512, 256, 8)]
+SWEEP_WARPS_PER_SM = [16, 24, 32, 48]
+CHECK_NK = (1000, 2944)  # the sweep's correctness check: N, K
 ROTATE_BYTES = 512 << 20  # weight bytes per rotation (several L2 sizes)
 
 
@@ -79,6 +87,59 @@ def kernel_time(fn, calls: int) -> float:
     return total_us / calls / 1e6
 
 
+def gemv_plan(m, n, k, device, block_n, block_k, warps, warps_per_sm=None):
+    """The GEMV plan the heuristic would pick with these tunables (``HQ_GEMM_GEMV_*``)."""
+    saved = gemm._GEMV_WARPS_PER_SM
+    try:
+        if warps_per_sm is not None:
+            gemm._GEMV_WARPS_PER_SM = warps_per_sm
+        return gemm.plan_dequant_gemm(m, n, k, device, use_dot=False, block_n=block_n, block_k=block_k,
+                                      num_warps=warps)
+    finally:
+        gemm._GEMV_WARPS_PER_SM = saved
+
+
+def sweep_plans(m, n, k, device) -> dict:
+    plans = {}
+    if m == 1:
+        for bn, bk, w in SWEEP_GEMV_TILES:
+            for wps in SWEEP_WARPS_PER_SM:
+                plans[f"gemv-n{bn}-k{bk}-w{w}-wps{wps}"] = gemv_plan(m, n, k, device, bn, bk, w, wps)
+    if m <= 8:
+        plans["gemv"] = gemv_plan(m, n, k, device, gemm._GEMV_BLOCK_N, gemm._GEMV_BLOCK_K, gemm._GEMV_WARPS)
+        plans["dot"] = gemm.plan_dequant_gemm(m, n, k, device, use_dot=True)
+    return plans
+
+
+def check_gemv_tiles(device) -> str:
+    """Every sweep tile (and the default) against the reference before any timing: M = 1..8,
+    W3/W4, symmetric/asymmetric, group 64/128/per-channel, N and K not multiples of the tiles."""
+    worst, count = 0.0, 0
+    tiles = sorted(set(SWEEP_GEMV_TILES) | {(gemm._GEMV_BLOCK_N, gemm._GEMV_BLOCK_K, gemm._GEMV_WARPS)})
+    cases = [(3, True, 128, 1), (3, False, 64, 3), (4, True, -1, 8), (4, False, 128, 1), (3, True, 64, 2)]
+    for bn, bk, w in tiles:
+        for bits, sym, group, m in cases:
+            n, k = CHECK_NK  # GPU: 92 blocks, 23 groups of 128 (46 of 64)
+            g = torch.Generator(device=device).manual_seed(bn + bk + bits + m)
+            qweight = torch.randint(-2**31, 2**31 - 1, (bits * k // 32, n), generator=g, device=device,
+                                    dtype=torch.int32)
+            groups = 1 if group == -1 else k // group
+            scales = (torch.rand(groups, n, generator=g, device=device) * 0.02 + 0.001).half()
+            zeros = None if sym else torch.randint(0, 2**bits, (groups, n), generator=g, device=device,
+                                                    dtype=torch.uint8)
+            x = torch.randn(m, k, generator=g, device=device).bfloat16()
+            want = gemm.dequant_gemm_reference(x, qweight, scales, zeros, bits, group, out_dtype=torch.float32)
+            for wps in (SWEEP_WARPS_PER_SM[0], SWEEP_WARPS_PER_SM[-1]):
+                plan = gemv_plan(m, n, k, device, bn, bk, w, wps)
+                y = gemm.dequant_gemm(x, qweight, scales, zeros, bits, group, out_dtype=torch.float32, plan=plan)
+                rel = ((y - want).norm() / want.norm()).item()
+                assert rel < 1e-4, (bn, bk, w, wps, bits, sym, group, m, plan, rel)
+                y2 = gemm.dequant_gemm(x, qweight, scales, zeros, bits, group, out_dtype=torch.float32, plan=plan)
+                assert torch.equal(y, y2), "split-K result not deterministic"
+                worst, count = max(worst, rel), count + 1
+    return f"GEMV tiles checked: {count} launches, worst rel err {worst:.1e} (float32 out), deterministic"
+
+
 def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):
     copies = max(2, ROTATE_BYTES // (bits * k * n // 8))
     weights = [random_linear(n, k, bits, device) for _ in range(copies)]
@@ -92,14 +153,7 @@ def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):
 
     plans = {"default": gemm.plan_dequant_gemm(m, n, k, x.device)}
     if sweep:
-        sms = _sm_count(device)
-        for use_dot, bn, bk, nw, per_sm in SWEEP["dot" if m > 1 else "gemv"] + (SWEEP["dot"] if m == 1 else []):
-            bm = 16 if not use_dot else (16 if m <= 16 else 64)
-            tiles = -(-m // (bm if use_dot else 1)) * -(-n // bn)
-            split = max(1, -(-per_sm * sms // tiles))
-            plans[f"{'dot' if use_dot else 'gemv'}-n{bn}-k{bk}-w{nw}-s{per_sm}"] = gemm.plan_dequant_gemm(
-                m, n, k, x.device, use_dot=use_dot, block_n=bn, block_k=bk, num_warps=nw, split_k=split,
-                **({"block_m": bm} if use_dot else {}))
+        plans.update(sweep_plans(m, n, k, x.device))
     results = {}
     for name, plan in plans.items():
         def call(i, plan=plan):
@@ -131,6 +185,7 @@ def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):
     t = ok["default"]["kernel_s"]
     return {
         "model": model, "layer": layer, "K": k, "N": n, "bits": bits, "M": m, "rel_err": rel,
+        "bytes": nbytes, "hbm_GBps": hbm,
         "kernel_us": t * 1e6, "graph_us": t_graph * 1e6, "GBps": nbytes / t / 1e9,
         "pct_hbm": 100 * nbytes / t / 1e9 / hbm, "TFLOPs": flops / t / 1e12,
         "bf16_kernel_us": t16 * 1e6, "bf16_graph_us": t16_graph * 1e6,
@@ -157,9 +212,11 @@ def _dry_run_setup() -> None:
     """Make the script run on a CPU machine (to check it before spending device time)."""
     import os
 
-    global SHAPES, ROTATE_BYTES, hbm_copy_bandwidth, kernel_time, graph_time
+    global SHAPES, ROTATE_BYTES, hbm_copy_bandwidth, kernel_time, graph_time, CHECK_NK
+    global SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM
     os.environ["TRITON_INTERPRET"] = "1"
     SHAPES = [("tiny", "a", 640, 72), ("tiny", "b", 1536, 40)]
+    SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM, CHECK_NK = SWEEP_GEMV_TILES[:2], SWEEP_WARPS_PER_SM[:2], (200, 384)
     ROTATE_BYTES = 1
     hbm_copy_bandwidth = lambda device: 1.0  # noqa: E731
 
@@ -170,12 +227,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--sweep", action="store_true", help="also time the SWEEP tile configurations")
+    p.add_argument("--sweep", action="store_true",
+                   help="check, then also time, the GEMV sweep configurations (and GEMV vs dot for M <= 8)")
+    p.add_argument("--budget-s", type=float, default=270.0,
+                   help="stop starting new shapes after this many seconds (the table still prints)")
+    p.add_argument("--sass", action="store_true",
+                   help="CPU only: compile the GEMV tiles for sm_90, print registers and SASS per weight")
     p.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default: all)")
     p.add_argument("--out", type=Path)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU smoke test of this script: interpreter, tiny shapes, wall-clock timers")
     args = p.parse_args()
+    if args.sass:
+        return sass_report(args.bits)
     if args.dry_run:
         _dry_run_setup()
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -188,6 +252,8 @@ def main() -> None:
     hbm = hbm_copy_bandwidth(device)
     print(f"HBM device-to-device copy: {hbm:.0f} GB/s (read + written)", flush=True)
     print(compile_check(device), flush=True)
+    if args.sweep:
+        print(check_gemv_tiles(device), flush=True)
     rows = []
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
     t0 = time.time()
@@ -195,7 +261,9 @@ def main() -> None:
         for bits in args.bits:
             for m in args.m:
                 for model, layer, k, n in shapes:
-                    r = bench_shape(model, layer, k, n, bits, m, device, hbm, args.sweep and bits == 3)
+                    if time.time() - t0 > args.budget_s:
+                        raise KeyboardInterrupt
+                    r = bench_shape(model, layer, k, n, bits, m, device, hbm, args.sweep)
                     torch.cuda.empty_cache()  # the shape's weight copies are gone
                     rows.append(r)
                     print(f"[{time.time() - t0:5.0f}s] W{bits} M={m:<3} {model:10s} {layer:7s} {k:>5}->{n:<5} "
@@ -217,6 +285,72 @@ def main() -> None:
               f"{r['kernel_us']:.1f} | {r['graph_us']:.1f} | {r['GBps']:.0f} | {r['pct_hbm']:.1f} | "
               f"{r['TFLOPs']:.2f} | {r['bf16_kernel_us']:.1f} | {r['bf16_pct_hbm']:.1f} | "
               f"{r['speedup_vs_bf16']:.2f}x | {r['best']} ({r['best_pct_hbm']:.1f}) |")
+    if args.sweep:
+        print_sweep_summary(rows)
+
+
+def print_sweep_summary(rows) -> None:
+    """Per (bits, M) and configuration: mean % HBM over the shapes, and the shapes it won."""
+    print("\nSweep summary: mean % HBM over the shapes timed (higher is better); wins = shapes where best")
+    print("| W | M | config | mean % HBM | min % HBM | wins | plan (block_n x block_k, warps) |")
+    print("|---|---|---|---|---|---|---|")
+    for bits, m in sorted({(r["bits"], r["M"]) for r in rows}):
+        group = [r for r in rows if r["bits"] == bits and r["M"] == m]
+        names = set.intersection(*({c for c, v in r["configs"].items() if "kernel_s" in v} for r in group))
+        stats = []
+        for c in names:
+            pct = [100 * r["bytes"] / r["configs"][c]["kernel_s"] / 1e9 / r["hbm_GBps"] for r in group]
+            stats.append((sum(pct) / len(pct), min(pct), sum(r["best"] == c for r in group), c))
+        for mean, low, wins, c in sorted(stats, reverse=True)[:12]:
+            plan = group[0]["configs"][c]["plan"]
+            print(f"| {bits} | {m} | {c} | {mean:.1f} | {low:.1f} | {wins} | "
+                  f"{plan['block_n']} x {plan['block_k']}, {plan['num_warps']} |")
+
+
+def sass_report(bits_list) -> None:
+    """Static cost of the GEMV tiles on sm_90 (no GPU): registers, spills, shared memory, the
+    inner loop's SASS instructions per weight (loop length / weights per thread per tile), its
+    global loads by width, and the resident warps per SM the registers allow (64 K registers,
+    allocated per warp in units of 256; at most 64 warps and 32 programs per SM)."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tiles = sorted(set(SWEEP_GEMV_TILES) | {(gemm._GEMV_BLOCK_N, gemm._GEMV_BLOCK_K, gemm._GEMV_WARPS)})
+    print(f"triton {triton.__version__}, sm_90, GEMV (M = 1), bf16 x, group {GROUP}")
+    print("| W | sym | block_n x block_k, warps | regs | spill B | smem B | loop instr / weight | "
+          "loads per tile (per thread) | warps/SM by regs | top opcodes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for bits in bits_list:
+        for sym in (True, False):
+            for bn, bk, w in tiles:
+                plan = gemm.GemmPlan(False, 1, bn, bk, w, 1, 1)
+                kern = gemm.compile_for_gpu(plan, bits, GROUP, sym)
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(kern.asm["cubin"])
+                    f.flush()
+                    sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+                    res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+                ins = [(int(mm.group(1), 16), mm.group(2))
+                       for mm in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+                loops = [(int(mm.group(1), 16), a) for a, op in ins
+                         if (mm := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)) and int(mm.group(1), 16) < a]
+                start, end = max(loops, key=lambda x: x[1] - x[0])
+                ops = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0] for a, op in ins if start <= a <= end]
+                regs = int(re.search(r"REG:(\d+)", res).group(1))
+                spill = int(re.search(r"LOCAL:(\d+)", res).group(1)) + int(re.search(r"STACK:(\d+)", res).group(1))
+                per_thread = bn * bk // (32 * w)  # weights per thread per tile
+                loads = collections.Counter(o for o in ops if o.startswith("LDG"))
+                by_regs = min(64, (65536 // (-(-regs * 32 // 256) * 256) // w) * w, 32 * w)
+                top = ", ".join(f"{o} {c}" for o, c in collections.Counter(o.split(".")[0] for o in ops).most_common(6))
+                print(f"| {bits} | {'sym' if sym else 'asym'} | {bn} x {bk}, {w} | {regs} | {spill} | "
+                      f"{kern.metadata.shared} | {len(ops) / per_thread:.2f} | "
+                      f"{', '.join(f'{c} {o[4:]}' for o, c in sorted(loads.items()))} | {by_regs} | {top} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,39 @@ unpacked one by one:
    ``dequantize_packed`` writes ``W.T`` once (0.375 + 2 bytes per weight) and cuBLAS multiplies:
    memory at rest stays packed; the int8 prefill GEMM is to replace this.
 
-Measured (H200, docs/BENCHMARKS.md): 14-35% of HBM bandwidth for W3 at M = 1, 17-42% for W4
-(1.4-1.9x cuBLAS bf16 on the large projections), far from the 85% target; the likely limits
-are listed there. Not yet timed on the GPU: the large-M path and the GEMV tunables as now set.
+5. **The GEMV launch** (``_gemv_kernel_source``, M <= ``_GEMV_MAX_M``; redesigned after the
+   2026-12-01 H200 run, which reached 14-35% of HBM with one-warp programs, 4-8 per SM, and a
+   last-arriver that summed up to 74 partials one dependent load at a time). A program is
+   BLOCK_N columns x its K split, ``num_warps`` warps; the tile is ``[BLOCK_N/128, BLOCK_K/32,
+   128]`` (column groups, 32-channel blocks, columns), which Triton lays out as 8 consecutive
+   columns of one block per thread (two LDG.E.128 per bit plane) with the warps over column
+   groups and blocks, so a program streams ``BLOCK_N * BLOCK_K * b / 8`` bytes per tile from
+   all its warps at once, and the next tile's loads are issued before the current tile's
+   arithmetic (register prefetch). The blocks are summed across warps once, after the K loop.
+   Split-K is sized by *resident warps*: splits are added until the grid holds
+   ``_GEMV_WARPS_PER_SM`` warps per SM (none where N alone fills the GPU), never fewer than
+   ``_GEMV_MIN_TILES`` tiles per split. The last program of a column tile sums the float32
+   partials ``_GEMV_RED_ROWS`` splits per step with one 2-D load (all in flight together), in
+   a fixed order: deterministic, no atomics on data, no memset, graph-safe (tickets as in 3).
+   M > 1 (up to ``_GEMV_MAX_M``) runs one program row per activation row (W is re-read, mostly
+   from L2, and every row costs its own FMAs; the sweep decides whether it beats the dot path).
+   Static cost (sm_90 SASS, Triton 3.9, ``benchmarks/gemm_bench.py --sass``), W3 symmetric
+   group 128, bf16 x: 256 x 128 x 4 warps: 80 registers, no spills, 3.62 instructions per
+   weight in the loop (LOP3 1.4, FFMA 1.2, shifts 0.6, activation loads 0.125), 24 warps/SM by
+   registers; 512 x 128 x 4: 168 registers, 3.45 per weight (the activation work shared by 16
+   columns), 12 warps/SM. The old 256 x 32 one-warp program: 96 registers, 3.62, 8 warps/SM as
+   launched.
+   **What the GPU sweep decides** (``benchmarks/gemm_bench.py --sweep``; every value is read
+   at import from ``HQ_GEMM_GEMV_<NAME>``, no code edit needed): BLOCK_N / BLOCK_K / WARPS (the
+   tile: 8 vs 16 columns per thread, blocks per warp), WARPS_PER_SM (split-K depth against
+   bytes in flight and reduction cost), MIN_TILES, RED_ROWS, STAGES (Triton num_stages), and
+   MAX_M (GEMV vs dot for M = 2..8). Expected from the static count: ~3.5 instructions per
+   weight is about what the H200's issue rate allows at 85% of HBM (~3.7 at 100% issue), so
+   the target needs near-perfect latency hiding; the 16-column tile is the lever on issue.
+
+Measured (H200, docs/BENCHMARKS.md, before the GEMV redesign): 14-35% of HBM bandwidth for W3
+at M = 1, 17-42% for W4 (1.4-1.9x cuBLAS bf16 on the large projections). Not yet timed on the
+GPU: the redesigned GEMV and the large-M path.
 
 Dispatch: the Triton kernel runs when ``x`` is on CUDA or when ``TRITON_INTERPRET=1`` is set
 (read at call time, as in ``fwht.py``); otherwise the reference runs. Tile sizes, warps and the
@@ -81,6 +111,7 @@ from .packing import unpack_codes
 __all__ = [
     "KERNEL_BITS",
     "GemmPlan",
+    "compile_for_gpu",
     "dequant_gemm",
     "dequant_gemm_op",
     "dequant_gemm_reference",
@@ -93,22 +124,41 @@ __all__ = [
 # Tunables, all in one place (see benchmarks/gemm_bench.py for how they were chosen).
 # ---------------------------------------------------------------------------------------------
 KERNEL_BITS = (3, 4)  # bit widths the kernel implements; others fall back to the reference
-_GEMV_MAX_M = 1  # M up to this runs the CUDA-core GEMV; larger M the tensor-core dot
+
+
+def _env_int(name: str, default: int) -> int:
+    """A tunable's default, replaceable without code edits by ``HQ_GEMM_<NAME>`` (read at import)."""
+    value = os.environ.get(f"HQ_GEMM_{name}")
+    return default if value is None or not value.strip() else int(value)
+
+
+#: M up to this runs the CUDA-core GEMV (one program row per activation row: each extra row
+#: re-reads W, mostly from L2, and costs a full row of FMAs); larger M the tensor-core dot.
+_GEMV_MAX_M = _env_int("GEMV_MAX_M", 1)
 #: M from this up dequantizes the weight into a transient 16-bit ``[K, N]`` (one Triton pass) and
 #: multiplies with torch.matmul: the dot path gathers activations per N tile, which grows with
 #: M (measured on H200: 0.6x bf16 at M = 16, 0.15x at M = 64; see docs/BENCHMARKS.md).
 _DEQUANT_MIN_M = 17
-#: GEMV tile: BLOCK_N columns x BLOCK_K channels per step, warps per program. With N the
-#: contiguous dim Triton gives each thread 16-byte loads and spreads warps along N first, so a
-#: thread holds BLOCK_N / (32 * warps) columns of BLOCK_K / 32 blocks: the per-activation work
-#: (load, convert, scale, sum) is shared by that many columns. 256 x 32 x 1 warp at 8 programs
-#: per SM was the best or within 5% of it on the large Llama / Qwen shapes in the H200 sweep
-#: (2026-12-01); fewer programs per SM left the 1-warp programs short of loads in flight.
-_GEMV_BLOCK_N = 256
-_GEMV_BLOCK_K = 32
-_GEMV_WARPS = 1
-_GEMV_PROGRAMS_PER_SM = 8
-_GEMV_MIN_TILES_PER_SPLIT = 4  # below this a split is mostly prologue and reduction
+#: GEMV (M <= _GEMV_MAX_M) launch, see ``_gemv_kernel_source`` and the module docstring:
+#: BLOCK_N columns x BLOCK_K channels per tile, WARPS warps per program. Triton lays the
+#: [BLOCK_N / 128, BLOCK_K / 32, 128] tile out as 8 consecutive columns per thread (two 16-byte
+#: loads per bit plane), 2 x 16 threads per warp over (blocks, columns), warps over column
+#: groups and blocks: a thread does BLOCK_N * BLOCK_K / (32 * 32 * WARPS) column-blocks per tile
+#: (8 at the default, 16 at 512 x 128 x 4 warps: fewer activation instructions per weight, 168
+#: instead of 80 registers). Split-K fills the GPU: splits are added until the grid holds
+#: WARPS_PER_SM resident warps per SM (bytes in flight: ~3 KB per warp per tile, plus one tile
+#: of prefetch), keeping at least MIN_TILES tiles per split; none where N alone fills it.
+#: All are set from HQ_GEMM_GEMV_* at import (the GPU sweep, benchmarks/gemm_bench.py --sweep,
+#: decides them).
+_GEMV_BLOCK_N = _env_int("GEMV_BLOCK_N", 256)
+_GEMV_BLOCK_K = _env_int("GEMV_BLOCK_K", 128)
+_GEMV_WARPS = _env_int("GEMV_WARPS", 4)
+_GEMV_WARPS_PER_SM = _env_int("GEMV_WARPS_PER_SM", 24)
+_GEMV_MIN_TILES = _env_int("GEMV_MIN_TILES", 2)  # below this a split is mostly prologue
+_GEMV_STAGES = _env_int("GEMV_STAGES", 0) or None  # Triton num_stages for the GEMV (0: default)
+#: Split-K partials the last program of a column tile sums per step (one 2-D load of
+#: RED_ROWS x BLOCK_N floats, all in flight together; deterministic order).
+_GEMV_RED_ROWS = _env_int("GEMV_RED_ROWS", 16)
 #: Dot tile for M >= 2 (BLOCK_M rows padded to at least 16, the tensor-core minimum).
 _DOT_BLOCK_M_CHOICES = (16, 32, 64)
 _DOT_BLOCK_N = 128
@@ -176,24 +226,27 @@ def plan_dequant_gemm(m: int, n: int, k: int, device: torch.device, **override) 
     base.update({key: override.pop(key) for key in list(override) if key in base})
     if override.keys() - {"num_stages"}:
         raise TypeError(f"unknown plan fields {sorted(override)}")
-    bk = base["block_k"]
+    bk, bn = base["block_k"], base["block_n"]
     if bk < _PACK_BLOCK or bk & (bk - 1):
         raise ValueError(f"block_k must be a power of two >= 32, got {bk}")
     if use_dot and bk < 32 * 16:
         raise ValueError(f"the dot path needs block_k >= 512 (dot K = block_k / 32 >= 16), got {bk}")
+    if not use_dot and (bn < 16 or bn & (bn - 1)):
+        raise ValueError(f"the GEMV needs block_n a power of two >= 16, got {bn}")
     k_tiles = -(-k // bk)
-    tiles = -(-m // base["block_m"]) * -(-n // base["block_n"])
+    tiles = -(-m // base["block_m"]) * -(-n // bn)
     if split is None:
         sms = _INTERPRET_SM_COUNT if device.type != "cuda" else _sm_count(device.index or 0)
-        per_sm = _PROGRAMS_PER_SM if use_dot else _GEMV_PROGRAMS_PER_SM
-        split = max(1, min(k_tiles, -(-per_sm * sms // tiles)))
-        if not use_dot:
-            split = max(1, min(split, k_tiles // _GEMV_MIN_TILES_PER_SPLIT))
+        if use_dot:
+            split = max(1, min(k_tiles, -(-_PROGRAMS_PER_SM * sms // tiles)))
+        else:  # enough resident warps per SM, but no split shorter than _GEMV_MIN_TILES tiles
+            split = -(-_GEMV_WARPS_PER_SM * sms // (tiles * base["num_warps"]))
+            split = max(1, min(split, k_tiles // _GEMV_MIN_TILES))
     split = max(1, min(int(split), k_tiles))
     tiles_per_split = -(-k_tiles // split)
     split = -(-k_tiles // tiles_per_split)  # no empty split
-    return GemmPlan(use_dot, split_k=split, tiles_per_split=tiles_per_split,
-                    num_stages=override.get("num_stages", _NUM_STAGES), **base)
+    stages = override.get("num_stages", _NUM_STAGES if use_dot else _GEMV_STAGES)
+    return GemmPlan(use_dot, split_k=split, tiles_per_split=tiles_per_split, num_stages=stages, **base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,15 +513,235 @@ def _dequant_gemm_kernel_source(
                 tl.atomic_xchg(ticket_ptr + pid_mn, 0)  # ready for the next launch
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool):
-    """The kernel, compiled (JITFunction) or interpreted (InterpretedFunction), chosen per call
-    from TRITON_INTERPRET (``triton.jit`` would fix the choice at import; see ``fwht._kernel``)."""
+def _gemv_kernel_source(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, ticket_ptr,
+    M, N, K, stride_xm, stride_om, tiles_per_split, split_k, magic_one,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,  # group size in channels; 0 = one group per output channel
+    SYMMETRIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COLW: tl.constexpr,  # columns per column group: 4 per thread x 32 threads (<= 128)
+    CG: tl.constexpr,  # column groups per program: BLOCK_N = CG * COLW, 4 * CG columns per thread
+    BK32: tl.constexpr,  # 32-channel blocks per tile, spread over the warps (BK32 >= num_warps)
+    RED_ROWS: tl.constexpr,  # split-K partials summed per step by the last program of a tile
+):
+    """M = 1 GEMV: one (BLOCK_N columns, K split) program; see the module docstring.
+
+    The tile is ``[CG, BK32, COLW]``: Triton gives each thread 4 consecutive columns (one
+    16-byte load per bit plane) of every column group, the 32 lanes of a warp 128 consecutive
+    columns, and the warps different blocks (K), so the per-channel activation work is shared
+    by 4 * CG columns and the warps of a program each stream their own rows; the blocks are
+    summed across warps once, after the K loop.
+    """
+    FMASK: tl.constexpr = (1 << BITS) - 1
+    HI: tl.constexpr = 23 - BITS
+    LO: tl.constexpr = HI - 7
+    ZSYM: tl.constexpr = 1 << (BITS - 1)
+    BLOCK_N: tl.constexpr = CG * COLW
+
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)  # one activation row per program (M > 1 re-reads W, from L2)
+    x_ptr += pid_m * stride_xm
+    out_ptr += pid_m * stride_om
+    n_blocks = K // 32
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, CG)[:, None, None] * COLW
+              + tl.arange(0, COLW)[None, None, :])  # [CG, 1, COLW]
+    n_mask = offs_n < N
+    blk = pid_k * tiles_per_split * BK32 + tl.arange(0, BK32)[None, :, None]  # [1, BK32, 1]
+    b_mask = blk < n_blocks
+    w_mask = b_mask & n_mask
+    w_ptrs = qw_ptr + blk * (BITS * N) + offs_n
+    q0 = tl.load(w_ptrs, mask=w_mask, other=0)
+    q1 = tl.load(w_ptrs + N, mask=w_mask, other=0)
+    q2 = tl.load(w_ptrs + 2 * N, mask=w_mask, other=0)
+    if BITS == 4:
+        q3 = tl.load(w_ptrs + 3 * N, mask=w_mask, other=0)
+    else:
+        q3 = q2
+    if GROUP == 0:
+        sz_ptrs = offs_n + blk * 0
+    else:
+        sz_ptrs = (blk * 32 // GROUP) * N + offs_n
+    sc = tl.load(s_ptr + sz_ptrs, mask=w_mask, other=0.0)
+    if SYMMETRIC:
+        zc = sc
+    else:
+        zc = tl.load(z_ptr + sz_ptrs, mask=w_mask, other=0)
+    acc = tl.full((CG, BK32, COLW), 0.0, tl.float32)
+
+    for t in range(0, tiles_per_split):
+        p0 = q0.to(tl.uint32, bitcast=True)
+        p1 = q1.to(tl.uint32, bitcast=True)
+        p2 = q2.to(tl.uint32, bitcast=True)
+        p3 = q3.to(tl.uint32, bitcast=True)
+        s_cur = sc.to(tl.float32)
+        if SYMMETRIC:
+            z_cur = ZSYM
+        else:
+            z_cur = zc.to(tl.float32)
+        cur_blk = blk
+
+        # Next tile's loads, issued before this tile's arithmetic.
+        blk = blk + BK32
+        b_mask = blk < tl.where(t + 1 < tiles_per_split, n_blocks, 0)
+        w_mask = b_mask & n_mask
+        w_ptrs = qw_ptr + blk * (BITS * N) + offs_n
+        q0 = tl.load(w_ptrs, mask=w_mask, other=0)
+        q1 = tl.load(w_ptrs + N, mask=w_mask, other=0)
+        q2 = tl.load(w_ptrs + 2 * N, mask=w_mask, other=0)
+        if BITS == 4:
+            q3 = tl.load(w_ptrs + 3 * N, mask=w_mask, other=0)
+        else:
+            q3 = q2
+        if GROUP == 0:
+            sz_ptrs = offs_n + blk * 0
+        else:
+            sz_ptrs = (blk * 32 // GROUP) * N + offs_n
+        sc = tl.load(s_ptr + sz_ptrs, mask=w_mask, other=0.0)
+        if not SYMMETRIC:
+            zc = tl.load(z_ptr + sz_ptrs, mask=w_mask, other=0)
+
+        if BITS == 4:
+            u0 = p0
+            u1 = p1
+            u2 = p2
+            u3 = p3
+        else:
+            a = p1 << 1
+            b = p2 << 2
+            c = p0 >> 2
+            d = p1 >> 1
+            u0 = (p0 & _M0) | (((a & _M1) | (b & _N1)) & _N0)
+            u1 = (p0 & _M1) | (((a & _M2) | (b & _N2)) & _N1)
+            u2 = (c & _M0) | (((d & _M1) | (p2 & _N1)) & _N0)
+            u3 = (c & _M1) | (((d & _M2) | (p2 & _N2)) & _N1)
+
+        s_acc = tl.full((CG, BK32, COLW), 0.0, tl.float32)
+        xq = tl.full((1, BK32, 1), 0.0, tl.float32)
+        xs = tl.full((1, BK32, 1), 0.0, tl.float32)
+        # In-bounds activation loads: a block past the split or K has zero scales (masked
+        # loads), so its finite x adds nothing.
+        x_base = x_ptr + tl.minimum(cur_blk, n_blocks - 1) * 32
+        for r in tl.static_range(4):
+            if r == 0:
+                u = u0
+            elif r == 1:
+                u = u1
+            elif r == 2:
+                u = u2
+            else:
+                u = u3
+            for i in tl.static_range(8):
+                off = 4 * i + (r % 2) * (BITS == 3)
+                tpos = LO + (off - LO + 64) % 8
+                if tpos > off:
+                    v = u << (tpos - off)
+                elif tpos < off:
+                    v = u >> (off - tpos)
+                else:
+                    v = u
+                f = ((v & (FMASK << tpos)) | magic_one).to(tl.float32, bitcast=True)
+                if BITS == 3:
+                    lane = r + 4 * i
+                else:
+                    lane = 8 * r + i
+                xv = tl.load(x_base + lane)
+                if x_ptr.dtype.element_ty == tl.bfloat16:
+                    xp = ((xv.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+                          + ((HI - tpos) << 23)).to(tl.float32, bitcast=True)
+                else:
+                    xp = xv.to(tl.float32) * (1 << (HI - tpos))
+                s_acc += xp * f
+                if SYMMETRIC:
+                    xq += xp * ((1 << BITS) + ZSYM / (1 << (HI - tpos)))
+                else:
+                    xq += xp
+                    xs += xp * (1.0 / (1 << (HI - tpos)))
+        if SYMMETRIC:
+            acc += s_cur * (s_acc * (1 << BITS) - xq)
+        else:
+            acc += s_cur * ((s_acc - xq) * (1 << BITS) - z_cur * xs)
+
+    res = tl.reduce(acc, 1, tl.standard._sum_combine)  # [CG, COLW]: across the warps' blocks
+    cols = pid_n * BLOCK_N + tl.arange(0, CG)[:, None] * COLW + tl.arange(0, COLW)[None, :]
+    c_mask = cols < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+    if split_k == 1:
+        if HAS_BIAS:
+            res += bias
+        tl.store(out_ptr + cols, res.to(out_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        part_ptr += pid_m * N
+        tl.store(part_ptr + pid_k * M * N + cols, res, mask=c_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        tile = pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
+        if ticket == split_k - 1:  # the last split to arrive adds all, in split order
+            rows = tl.arange(0, RED_ROWS)[:, None, None]
+            total = tl.full((CG, COLW), 0.0, tl.float32)
+            for s0 in range(0, split_k, RED_ROWS):
+                part = tl.load(part_ptr + (s0 + rows) * (M * N) + cols[None, :, :],
+                               mask=((s0 + rows) < split_k) & c_mask[None, :, :], other=0.0,
+                               cache_modifier=".cg")
+                total += tl.reduce(part, 0, tl.standard._sum_combine)
+            if HAS_BIAS:
+                total += bias
+            tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=c_mask)
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch
+
+
+@functools.lru_cache(maxsize=4)
+def _kernel(interpret: bool, gemv: bool = False):
+    """The kernel (the dot / dequantize one, or with ``gemv`` the M = 1 GEMV), compiled
+    (JITFunction) or interpreted (InterpretedFunction), chosen per call from TRITON_INTERPRET
+    (``triton.jit`` would fix the choice at import; see ``fwht._kernel``)."""
+    source = _gemv_kernel_source if gemv else _dequant_gemm_kernel_source
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(_dequant_gemm_kernel_source)
-    return triton.runtime.JITFunction(_dequant_gemm_kernel_source)
+        return InterpretedFunction(source)
+    return triton.runtime.JITFunction(source)
+
+
+def _gemv_constexprs(plan: GemmPlan) -> dict:
+    """The GEMV kernel's tile constexprs for a plan (``block_n`` columns, ``block_k`` channels)."""
+    colw = min(plan.block_n, 128)
+    return dict(COLW=colw, CG=plan.block_n // colw, BK32=plan.block_k // _PACK_BLOCK,
+                RED_ROWS=min(_GEMV_RED_ROWS, _next_pow2(plan.split_k)))
+
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_for_gpu(plan: GemmPlan, bits: int = 3, group_size: int = 128, symmetric: bool = True,
+                    dtype: torch.dtype = torch.bfloat16, arch: int = 90):
+    """Compile the GEMV kernel (``plan.use_dot`` False) for ``sm_<arch>`` without a GPU (Triton's
+    bundled ptxas), as the JIT would for 16-byte-aligned tensors and sizes: Triton's compiled
+    kernel (``asm["sass"]`` via cuobjdump, ``asm["cubin"]``, ``metadata.shared``). For reading
+    registers, spills and the SASS of the inner loop on a CPU machine
+    (``benchmarks/gemm_bench.py --sass``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if plan.use_dot:
+        raise ValueError("compile_for_gpu covers the GEMV plan (use_dot=False)")
+    fn = triton.runtime.JITFunction(_gemv_kernel_source)
+    ty = _TRITON_TYPES[dtype]
+    types = dict(x_ptr=f"*{ty}", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16" if symmetric else "*u8",
+                 bias_ptr=f"*{ty}", out_ptr=f"*{ty}", part_ptr="*fp32", ticket_ptr="*i32")
+    const = dict(BITS=bits, GROUP=0 if group_size == -1 else group_size, SYMMETRIC=symmetric,
+                 HAS_BIAS=False, **_gemv_constexprs(plan))
+    names = fn.arg_names
+    sig = {a: types.get(a, "constexpr" if a in const else "i32") for a in names}
+    aligned = [a for a in names if a.endswith("_ptr") or a in ("N", "K", "stride_xm", "stride_om")]
+    src = ASTSource(fn, signature=sig, constexprs={(names.index(a),): v for a, v in const.items()},
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    options = {"num_warps": plan.num_warps}
+    if plan.num_stages is not None:
+        options["num_stages"] = plan.num_stages
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
@@ -653,8 +926,18 @@ def dequant_gemm(
         tickets = _tickets(x.device, tiles)
     else:
         partial = tickets = out  # unused
-    fp32 = x.dtype == torch.float32
     extra = {} if plan.num_stages is None else {"num_stages": plan.num_stages}
+    if not plan.use_dot:
+        _kernel(interpret, True)[(-(-n // plan.block_n), plan.split_k, m)](
+            rows, qweight, scales, scales if qzeros is None else qzeros,
+            out if bias is None else bias, out, partial, tickets,
+            m, n, k, rows.stride(0), out.stride(0), plan.tiles_per_split, plan.split_k, _MAGIC_ONE,
+            BITS=bits, GROUP=0 if group_size == -1 or group_size == k else group_size,
+            SYMMETRIC=qzeros is None, HAS_BIAS=bias is not None, **_gemv_constexprs(plan),
+            num_warps=plan.num_warps, **extra,
+        )
+        return out.reshape(*x.shape[:-1], n)
+    fp32 = x.dtype == torch.float32
     _kernel(interpret)[(tiles, plan.split_k)](
         rows, qweight, scales, scales if qzeros is None else qzeros,
         out if bias is None else bias, out, partial, tickets,

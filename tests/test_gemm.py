@@ -66,12 +66,36 @@ def test_kernel_matches_reference(bits, symmetric, group, m, interpreter):
     x = _x(m, k, seed)
     # Tiles of 32 columns: N = 72 is two full tiles and a partial one.
     plan = plan_dequant_gemm(m, n, k, x.device, block_n=32)
-    assert plan.use_dot == (m > 1)
+    assert plan.use_dot == (m > gemm._GEMV_MAX_M)
     y = dequant_gemm(x, qw, s, z, bits, group, plan=plan)
     want = reference(x, qw, s, z, bits, group)
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert torch.isfinite(y).all()
     assert _rel(y, want) < 2e-4
+
+
+@pytest.mark.parametrize("group", [64, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gemv_matches_reference(bits, symmetric, group, interpreter):
+    """The GEMV path with multi-group, multi-warp tiles, forced for M = 1..8: N = 160 is one
+    full 128-column group and a partial one; K = 384 (12 blocks) in tiles of 4 blocks over
+    4 warps (the heuristic's split-K on the interpreter's 4 SMs) or of 2 blocks with a pinned
+    ragged split of 5 x 2 + 1 x 2 (M cycles through 1..8 over the parameter grid)."""
+    k, n = 384, 160
+    m = 1 + (3 * bits + 2 * symmetric + {64: 0, 128: 1, -1: 2}[group]) % 8
+    seed = 2000 * bits + 100 * symmetric + group
+    qw, s, z, _, _ = _linear(n, k, bits, group, symmetric, seed)
+    x = _x(m, k, seed)
+    want = reference(x, qw, s, z, bits, group)
+    for block_n, block_k, warps, split in ((256, 128, 4, None), (64, 64, 2, 5)):
+        plan = plan_dequant_gemm(m, n, k, x.device, use_dot=False, block_n=block_n, block_k=block_k,
+                                 num_warps=warps, split_k=split)
+        y = dequant_gemm(x, qw, s, z, bits, group, plan=plan)
+        assert y.shape == (m, n) and torch.isfinite(y).all()
+        assert _rel(y, want) < 2e-4, (plan, _rel(y, want))
+    if m == 1:  # the default plan takes it too
+        assert _rel(dequant_gemm(x[:1], qw, s, z, bits, group), want[:1]) < 2e-4
 
 
 @pytest.mark.parametrize("use_dot", [False, True], ids=["gemv", "dot"])
