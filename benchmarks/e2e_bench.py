@@ -499,17 +499,37 @@ def _python_has_cuda() -> bool:
         return False
 
 
+_running: list[subprocess.Popen] = []  # the child of the moment, for the signal handler
+
+
+def _kill_child_and_exit(signum, frame) -> None:
+    """SIGTERM / SIGINT (the shell's ``timeout``): take the child's process group down too, so
+    no engine outlives this call on the GPU."""
+    for proc in _running:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def _run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> str | int:
     """Run ``cmd`` in its own process group, output to ``log``; the exit code or "timeout"."""
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
                                 start_new_session=True)
+        _running.append(proc)
         try:
             return proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group of the child we started
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group of the child we started
+            except ProcessLookupError:
+                pass
             proc.wait()
             return "timeout"
+        finally:
+            _running.remove(proc)
 
 
 def _tail(path: Path, n: int = 4000) -> str:
@@ -535,6 +555,7 @@ def run_mode(args, shape: str, mode: str, tests: list[str], entry: dict, deadlin
            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if args.engine_core == "mp" else "0", **m.env}
     if not on_gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    entry["env"] = {k: v for k, v in sorted(env.items()) if k.startswith(("HADAQUANT_", "VLLM_"))}
 
     t0 = time.perf_counter()
     rc = _run_logged([sys.executable, __file__, "make", "--workdir", str(workdir), "--shape", shape, "--mode", mode],
@@ -602,6 +623,8 @@ def run_mode(args, shape: str, mode: str, tests: list[str], entry: dict, deadlin
 
 def run(args) -> None:
     sys.path.insert(0, str(HERE))
+    signal.signal(signal.SIGTERM, _kill_child_and_exit)
+    signal.signal(signal.SIGINT, _kill_child_and_exit)
     start = time.time()
     deadline = start + args.deadline_s
     out = Path(args.out)
@@ -617,8 +640,14 @@ def run(args) -> None:
         if name not in TESTS:
             raise SystemExit(f"unknown test {name!r}; choose from {', '.join(TESTS)}")
     on_gpu = _python_has_cuda()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=str(ROOT),
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
     data["calls"].append({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": shape, "modes": modes,
-                          "tests": tests, "platform": "cuda" if on_gpu else "cpu", "argv": sys.argv[1:]})
+                          "tests": tests, "platform": "cuda" if on_gpu else "cpu", "argv": sys.argv[1:],
+                          "commit": commit})
     runs = data["runs"].setdefault(shape, {})
     save_results(out, data)
     left = []
