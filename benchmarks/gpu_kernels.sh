@@ -3,7 +3,7 @@
 # each benchmark first checks its kernel against the torch reference on fresh random inputs on
 # the GPU, then times it; JSON results and logs land in $OUT, a short table per benchmark last.
 #   run(command="bash benchmarks/gpu_kernels.sh", timeout_s=600)
-#   HQ_KERNELS="fhq attn gbs" bash benchmarks/gpu_kernels.sh   # a subset
+#   HQ_KERNELS="fhq attn gbs" bash benchmarks/gpu_kernels.sh   # a subset (kvw: the fused KV write)
 set -uo pipefail
 OUT=${OUT:-runs/gpu_kernels}
 mkdir -p "$OUT"
@@ -24,3 +24,4 @@ step fhq 200 python3 benchmarks/hadamard_quant_bench.py --out "$OUT/hadamard_qua
   --configs '[{}, {"_FP16_MAX_BITS": 8}, {"num_warps": 16}]'
 step attn 200 python3 benchmarks/paged_attention_bench.py --out "$OUT/paged_attention.json"
 step gemm 150 python3 benchmarks/gemm_bench.py --out "$OUT"
+step kvw 300 python3 benchmarks/kv_write_bench.py --sweep --out "$OUT/kv_write.json"

@@ -30,7 +30,8 @@ Two vLLM lines, told apart by feature (:func:`_backend_customizes_spec`), never 
 * **0.26** (the lent GPU): there is no ``customize_spec``; the page size comes from the layer's
   ``Attention.get_kv_cache_spec`` and the tensor's shape from the backend's
   ``get_kv_cache_shape`` / ``get_kv_cache_stride_order``, and the metadata builder is wrapped
-  (:func:`_packed_metadata_builder`: no full CUDA graphs, no FA3 scheduler). The layer returns a
+  (:func:`_packed_metadata_builder`: full CUDA graphs for pure decode batches only, and only on
+  CUDA, where the cache write is the graph-safe kernel; no FA3 scheduler). The layer returns a
   ``TQFullAttentionSpec`` (vLLM's own spec for a packed slot per token and head: page =
   block x KV heads x ``tq_slot_size`` bytes) and the backend subclass gives the same
   ``[num_blocks, H, block_size, slot_bytes]`` uint8 tensor, contiguous. A sliding window is
@@ -42,8 +43,11 @@ Attention itself: on CUDA the Triton kernel (``hq_vllm.kernels.paged_attention``
 for decode, prefill, chunked prefill and prefix-cache hits, split-KV for few long decodes; no
 host synchronisation), elsewhere (CPU) the plain-torch reference (``hq_vllm.kernels.kv_cache``),
 with the same arguments and results. Both attend to what is in the cache, so every kind of batch
-is covered. The metadata builder still disables CUDA graphs for attention on 0.26: the cache
-*write* (quantize, pack, store) is plain torch and reads the slot mapping on the host.
+is covered. The cache *write* (R3 on K, quantize, pack, store at the slot mapping) is one
+Triton launch on CUDA too (``hq_vllm.kernels.kv_write``: the slot mapping is read in the
+kernel, padding slots skipped), the torch reference elsewhere (which reads the slot mapping on
+the host). Both launches read no device value on the host, so on CUDA the metadata builder lets
+vLLM capture full CUDA graphs of pure decode batches (:func:`_packed_metadata_builder`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from hq_vllm.kernels.kv_cache import (
     quantize_kv_to_slots,
     write_kv_slots,
 )
+from hq_vllm.kernels.kv_write import write_kv_cache
 from hq_vllm.kernels.paged_attention import paged_attention
 
 __all__ = ["HadaquantAttentionImpl", "HadaquantKVCacheMethod", "PackedKVSettings", "packed_kv_backend"]
@@ -118,22 +123,58 @@ def _packed_kv_cache_stride_order(include_num_layers_dimension: bool = False) ->
     return (0, 1, 2, 3, 4) if include_num_layers_dimension else (0, 1, 2, 3)
 
 
-def _packed_metadata_builder(base_builder: type) -> type:
-    """``base_builder`` (its metadata: block table, sequence lengths, query offsets) with two
-    changes: no CUDA-graph capture of attention (the attention kernel would allow it, but the
-    torch cache write reads the slot mapping on the host; piecewise graphs keep attention
-    eager), and no FlashAttention-3
-    ahead-of-time scheduler metadata (it describes a bf16/fp8 cache for FA's own kernel)."""
+def _graph_safe_kv_path() -> bool:
+    """True where the impl takes the Triton kernels for both the cache write and attention
+    (CUDA tensors: :func:`_use_kv_write_kernel`, :func:`_use_attention_kernel`), whose launches
+    read no device value on the host and so can be captured in a CUDA graph."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cuda()) and torch.cuda.is_available()
+
+
+def _cudagraph_support():
+    """What the packed backend tells vLLM about full CUDA graphs of attention.
+
+    ``UNIFORM_SINGLE_TOKEN_DECODE`` on CUDA (vLLM then captures full graphs of pure decode
+    batches, every request one query token, and runs other batches piecewise with attention
+    eager); ``NEVER`` elsewhere (the torch write reads the slot mapping on the host). Why not
+    more: ``paged_attention``'s launch shape (query tiles, and the decode-or-prefill plan)
+    comes from the host-side ``max_query_len`` at capture, which a replayed mixed batch
+    (``ALWAYS``) may exceed; uniform multi-token decodes (``UNIFORM_BATCH``, speculative
+    decoding) would replay with the captured length and look safe by the same reading, but
+    nothing here has run speculative decoding. Within a decode graph the KV split count is
+    fixed at capture; any count gives the right result (the kernel computes the split ranges
+    from the real lengths), and ``forward`` plans it for the longest sequence the block table
+    holds.
+    """
     from vllm.v1.attention.backend import AttentionCGSupport
+
+    if _graph_safe_kv_path():
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    return AttentionCGSupport.NEVER
+
+
+def _packed_metadata_builder(base_builder: type, cudagraph_support: Any = None) -> type:
+    """``base_builder`` (its metadata: block table, sequence lengths, query offsets) with two
+    changes: our CUDA-graph support (``cudagraph_support``, default :func:`_cudagraph_support`;
+    the base's would describe its own kernels), and no FlashAttention-3 ahead-of-time scheduler
+    metadata (it describes a bf16/fp8 cache for FA's own kernel)."""
+    support = _cudagraph_support() if cudagraph_support is None else cudagraph_support
 
     def __init__(self, *args, **kwargs):
         base_builder.__init__(self, *args, **kwargs)
         if hasattr(self, "aot_schedule"):
             self.aot_schedule = False
 
+    def get_cudagraph_support(cls, *args, **kwargs):
+        return cls._cudagraph_support  # not the base's (FA computes its own from the FA version)
+
     name = f"Hadaquant{base_builder.__name__}"
     cls = type(name, (base_builder,), {"__module__": __name__, "__init__": __init__,
-                                       "_cudagraph_support": AttentionCGSupport.NEVER})
+                                       "_cudagraph_support": support,
+                                       "get_cudagraph_support": classmethod(get_cudagraph_support)})
     cls.__qualname__ = name
     return cls
 
@@ -181,6 +222,23 @@ def packed_kv_backend(base: type, bits: int) -> type:
 def _use_attention_kernel(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """The Triton kernel on CUDA; the torch reference elsewhere (the CPU platform)."""
     return query.is_cuda and kv_cache.is_cuda
+
+
+def _use_kv_write_kernel(key: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """The fused Triton cache write on CUDA; the torch path elsewhere (the CPU platform)."""
+    return key.is_cuda and kv_cache.is_cuda
+
+
+def _planned_max_seq_len(attn_metadata: Any, kv_cache: torch.Tensor, on_cuda: bool) -> int | None:
+    """The ``max_seq_len`` the attention launch is planned for (it picks the KV split count
+    only, never the result). Eager: the metadata's. Inside a CUDA-graph capture: the longest
+    sequence the block table can hold (its width x the page size), since vLLM captures decode
+    graphs with every sequence 1 token long, and a graph replays for any lengths; planned for 1
+    token a captured decode would never split, and few long sequences would leave most SMs
+    idle. Splits beyond a sequence's tiles are empty programs."""
+    if on_cuda and torch.cuda.is_current_stream_capturing():
+        return attn_metadata.block_table.shape[1] * kv_cache.shape[2]
+    return getattr(attn_metadata, "max_seq_len", None)
 
 
 def _attention_impl_base() -> type:
@@ -234,6 +292,11 @@ class HadaquantAttentionImpl(_attention_impl_base()):  # type: ignore[misc]
         slot_mapping: torch.Tensor,
     ) -> None:
         s = self.settings
+        if _use_kv_write_kernel(key, kv_cache):
+            # One launch, the slot mapping read on the device: capturable in a CUDA graph.
+            write_kv_cache(key, value, kv_cache, slot_mapping, bits=s.bits, clip_ratio=s.clip_ratio,
+                           symmetric=s.symmetric, value_clip_ratio=s.value_clip_ratio, rotate=s.r3)
+            return
         n = slot_mapping.shape[0]
         slots = quantize_kv_to_slots(self._rotate(key[:n]), value[:n], s.bits, s.clip_ratio, s.symmetric,
                                      value_clip_ratio=s.value_clip_ratio)
@@ -264,7 +327,7 @@ class HadaquantAttentionImpl(_attention_impl_base()):  # type: ignore[misc]
             # The kernel reads only host-side ints of the metadata (launch shape), never the
             # device tensors' values on the host: safe under CUDA-graph capture.
             paged_attention(*args, **kwargs, max_query_len=getattr(attn_metadata, "max_query_len", None),
-                            max_seq_len=getattr(attn_metadata, "max_seq_len", None))
+                            max_seq_len=_planned_max_seq_len(attn_metadata, kv_cache, q.is_cuda))
         else:
             paged_attention_reference(*args, **kwargs)
         return output
