@@ -257,20 +257,18 @@ def _fmt(v: float | None) -> str:
 
 
 def summary_table(runs: dict, modes: list[str] | None = None) -> str:
-    """Markdown: one row per mode, each metric with its speed-up vs bf16; then the targets."""
+    """Markdown: one row per mode, each metric with its speed-up vs bf16 in brackets; then
+    each target for each hadaquant mode."""
     modes = [m for m in (modes or MODES) if m in runs]
     bf16 = runs.get("bf16")
-    head = ["mode", "status"]
-    for _, _, label in TABLE_COLUMNS:
-        head += [label, "x bf16"]
-    head.append("start-up s")
+    head = ["mode", "status", *(label for _, _, label in TABLE_COLUMNS), "start-up s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode in modes:
         e = runs[mode]
         row = [mode, e.get("status", "?")]
         for test, name, _ in TABLE_COLUMNS:
             v, b = metric(e, test, name), metric(bf16, test, name)
-            row += [_fmt(v), f"{v / b:.2f}" if v is not None and b else "-"]
+            row.append(_fmt(v) + (f" ({v / b:.2f}x)" if v is not None and b and mode != "bf16" else ""))
         row.append(_fmt(e.get("startup_s")))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| target | mode | value | baseline | ratio | needed | verdict |", "|---|---|---|---|---|---|---|"]
@@ -446,13 +444,14 @@ def child(request_path: Path) -> None:
 
     result["vllm"] = vllm.__version__
     result["torch"] = torch.__version__
-    result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": req["dtype"], "seed": 0, "max_model_len": req["max_model_len"],
               "skip_tokenizer_init": True, **req["engine_kwargs"]}
     result["engine_kwargs"] = kwargs
     t0 = time.perf_counter()
     llm = LLM(model=req["model"], **kwargs)
     result["startup_s"] = time.perf_counter() - t0
+    # after the engine: CUDA is initialized by vLLM, not before it (matters for a spawned core)
+    result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result["engine"] = _engine_report(llm)
     save()
     loads = {k: Load(**v) for k, v in req["loads"].items()}

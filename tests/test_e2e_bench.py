@@ -246,9 +246,10 @@ def test_summary_table_rows_and_speedups():
     runs["fp8"] = {"status": "not on CPU", "tests": {}}
     table = eb.summary_table(runs, ["bf16", "fp8", "hq_w3a16"])
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| mode | status | decode b1 tok/s | x bf16 |")
+    assert rows[0].startswith("| mode | status | decode b1 tok/s | b16 out tok/s |")
     hq = next(r for r in rows if r.startswith("| hq_w3a16 |")).split(" | ")
-    assert hq[2:4] == ["170", "1.70"]
+    assert hq[2] == "170 (1.70x)" and hq[7] == "1,000 (1.00x)"
+    assert next(r for r in rows if r.startswith("| bf16 |")).split(" | ")[2] == "100"
     assert "| fp8 | not on CPU |" in table
     assert "| batch-1 decode >= 1.7x bf16 | hq_w3a16 | 170 | bf16 100 | 1.70 | 1.70 | PASS |" in table
 
