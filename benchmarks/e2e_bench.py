@@ -82,8 +82,9 @@ first call's numbers):
     engine start-up (import, load, torch.compile, CUDA-graph capture): 60-120 s per mode
     tests, warm-ups included: decode1 ~5 s, batch128 ~20 s, prefill ~8 s, batch16 ~8 s,
         long ~25 s (bf16 Llama holds ~200k KV tokens, so the 64 x 4224 of "long" queue a little);
-        kv is read from the start-up log (0 s). Modes with a packed KV cache run attention
-        outside the CUDA graphs (piecewise graphs): their decode-heavy tests may take ~2x.
+        kv is read from the start-up log (0 s). Where a packed-KV backend runs only piecewise
+        CUDA graphs (attention outside them; the JSON's engine.cudagraph_mode says which),
+        its decode-heavy tests may take ~2x.
     => ~2.5-3 min per mode: ~3 modes per run call, 8 modes ~ 3 run calls (~24 min) per shape.
        A ~25-minute session covers the two stash calls and two run calls: 6 modes of one shape
        (the default order puts the targets' baselines and the hadaquant headline modes first);
