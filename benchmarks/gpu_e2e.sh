@@ -18,7 +18,8 @@ if [[ $mode == stash ]]; then
 fi
 [[ $mode == run ]] || { echo "usage: gpu_e2e.sh stash N | run N|- ARGS"; exit 2; }
 
-if [[ ! -f /tmp/site/.unpacked ]]; then
+# (benchmarks/gpu_plugin_check.sh unpacks the same bundle from its chunks c0..c2 to /tmp/site too)
+if [[ ! -f /tmp/site/.unpacked && ! -d /tmp/site/vllm ]]; then
   for i in 0 1 2; do [[ -f /tmp/b/part$i ]] || { echo "bundle part $i missing: run 'stash $i' first"; exit 1; }; done
   if [[ -f /tmp/b/SHA256 ]]; then
     got=$(cat /tmp/b/part0 /tmp/b/part1 /tmp/b/part2 | sha256sum | cut -d' ' -f1)
