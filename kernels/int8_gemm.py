@@ -22,16 +22,22 @@ Operands:
 Kernel (one program per ``[BLOCK_M, BLOCK_N]`` output tile, a K loop of BLOCK_K channels):
 
 1. **Unpack in registers.** A tile's packed words are loaded once (``b/8`` bytes per weight) and
-   widened to int8 ``[BLOCK_K, BLOCK_N]`` in channel order, so the activation tile is loaded as it
-   lies. b = 4: word ``w`` of a 32-channel block holds channels ``8w + j`` at bits ``4j``. b = 3:
-   the three bit planes are first merged into four nibble words (``W_r`` holds lane ``4i + r`` at
-   bits ``4i .. 4i+2``: ``((P_p >> r) << p) & (0x11111111 << p)``, ~1.4 operations per weight),
-   then both widths are a shift and a mask per weight. Symmetric weights come out signed, ``c - z``
+   widened to int8 in channel order, so the activation tile is loaded as it lies. b = 4: word
+   ``w`` of a 32-channel block holds channels ``8w + j`` at bits ``4j``. b = 3: the three bit
+   planes are first merged into four nibble words (``W_r`` holds lane ``4i + r`` at bits
+   ``4i .. 4i+2``: ``((P_p >> r) << p) & (0x11111111 << p)``, ~1.4 operations per weight), then
+   both widths are a shift pair per weight. Symmetric weights come out signed, ``c - z``
    directly: flipping each field's top bit (once per word) turns the field into the two's
-   complement of ``c - 2**(b-1)``, and a left shift plus an arithmetic right shift sign-extends it.
-   Asymmetric weights stay unsigned codes ``c`` (< 16, int8 holds them) and the zero point is
-   subtracted after the product: ``sum c_a (c_w - z) = sum c_a c_w - z * sum c_a``, with the row
-   sums of the activation codes taken from the A tile already loaded (exact, in int32).
+   complement of ``c - 2**(b-1)``, and a left shift plus an arithmetic right shift sign-extends
+   it. Asymmetric weights subtract the group's zero point from the unsigned field in registers
+   (``c - z`` in ``[-15, 15]``): one integer op per weight, cheaper than the equivalent
+   ``z * rowsum(a)`` correction after the product (counted in the sm_90a SASS: 711 vs 868
+   instructions per 128x128x128 step and thread, and no register spills), because the
+   activation tile never leaves shared memory otherwise (the MMA reads it there).
+   The tile is built transposed, ``[BLOCK_N, BLOCK_K]``, from ``tl.join``-ed fields, so each
+   thread holds runs of 8 consecutive K values in registers and writes the K-major shared tile
+   (the layout int8 MMA reads) with 8-byte stores rather than one store per byte; the dot takes
+   its transpose.
 2. **Per group**: the int32 partial of the group's ``G / BLOCK_K`` tiles is converted to float32
    and accumulated with that group's weight scale, ``acc += s_w[g] * partial``. Per output channel
    (``group_size = -1``) the whole K sum stays in int32 and is scaled once (|sum| < 2**31 for
@@ -45,6 +51,17 @@ activations into a float GEMM) up to the activation dtype's rounding.
 Tiles: every ``tl.dot`` dimension is >= 16 (the GPU requires it; the interpreter does not check)
 and BLOCK_K >= 32 (int8 MMA's K step); BLOCK_K divides the group. Tunables are below, all in one
 place; ``benchmarks/int8_gemm_bench.py`` times them (``--configs``). Not yet timed on a GPU.
+
+What bounds it (counted statically in the sm_90a SASS of Triton 3.9's build, per thread and
+128-channel K step): 555 instructions for W3 symmetric at 128x128 / 8 warps (487 for W4, 711
+for W3 asymmetric; 220 registers, no spills), of which 160 are the per-group scaling
+(int-to-float, FFMA, fp16 scale conversion per accumulator) and ~200 the unpack. At 4 warp
+instructions issued per clock and SM that is ~0.53 clocks of issue per 1000 MACs against ~0.25
+clocks of int8 tensor-core time (H200: ~4096 dense int8 MAC/clock/SM), so the kernel should be
+bound by instruction issue, not by the tensor cores (at best ~45% of the int8 peak where the MMA
+of one CTA overlaps the unpack of another, ~30% where nothing overlaps); the per-group scaling
+alone costs about half the MMA time at G = 128. 256x64 tiles amortize the unpack over more rows (427 instructions per step for the same
+MACs); two CTAs per SM (4 warps, 128x64) let one CTA's MMA overlap another's unpack.
 
 Also here: :func:`quantize_per_token`, the no-rotation activation quantizer (one Triton program
 per token, two passes over the row) with ``hadamard_quant.quantize_per_token_reference`` as its
@@ -196,68 +213,79 @@ def _int8_gemm_kernel_source(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, NBLK)
+    offs_r = tl.arange(0, 4 * NBLK)  # 4-bit word rows of a K step
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    sh = tl.arange(0, 8) * 4  # field offsets inside a nibble word
-    if BITS == 4:
-        offs_w = tl.arange(0, 4)
-        sh4 = sh[None, None, :, None]  # fields j of words w: [NBLK, 4, 8, BLOCK_N]
-    else:
-        lane_r = tl.arange(0, 4)[None, :, None]
-        sh4 = sh[None, :, None, None]  # fields i of nibble words r: [NBLK, 8, 4, BLOCK_N]
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     iacc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-    rsum = tl.full((BLOCK_M,), 0, tl.int32)
+    if not SYMMETRIC and PER_CHANNEL:
+        z_g = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
     n_steps = K // (BLOCK_K * TILES_PER_GROUP)
     for step in range(0, n_steps):
         if not PER_CHANNEL:
             iacc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
             if not SYMMETRIC:
-                rsum = tl.full((BLOCK_M,), 0, tl.int32)
+                z_g = tl.load(z_ptr + step * N + offs_n, mask=n_mask, other=0).to(tl.int32)
         for t in tl.static_range(TILES_PER_GROUP):
             k0 = (step * TILES_PER_GROUP + t) * BLOCK_K
             a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0)
-            blk = k0 // 32 + offs_b
+            # The weight tile is built transposed, [BLOCK_N, BLOCK_K] with K the fastest dim and
+            # each thread's K values in its registers (tl.join stacks in registers), so that it
+            # goes to shared memory in K-major rows (what int8 MMA reads) with wide stores.
             if BITS == 4:
-                rows = blk[:, None] * 4 + offs_w[None, :]  # [NBLK, 4]: word w holds 8w + j
-                words = tl.load(qw_ptr + rows[:, :, None] * N + offs_n[None, None, :],
-                                mask=n_mask[None, None, :], other=0)
-                wv = words[:, :, None, :]
+                x = tl.load(qw_ptr + offs_n[:, None] + (k0 // 8 + offs_r)[None, :] * N,
+                            mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 8]: 8w + j
             else:
-                p_ptrs = qw_ptr + (blk * 3)[:, None] * N + offs_n[None, :]
-                p0 = tl.load(p_ptrs, mask=n_mask[None, :], other=0)[:, None, :]
-                p1 = tl.load(p_ptrs + N, mask=n_mask[None, :], other=0)[:, None, :]
-                p2 = tl.load(p_ptrs + 2 * N, mask=n_mask[None, :], other=0)[:, None, :]
+                p_ptrs = qw_ptr + offs_n[:, None] + ((k0 // 32 + offs_b) * 3)[None, :] * N
+                p0 = tl.load(p_ptrs, mask=n_mask[:, None], other=0)  # [BLOCK_N, NBLK] bit planes
+                p1 = tl.load(p_ptrs + N, mask=n_mask[:, None], other=0)
+                p2 = tl.load(p_ptrs + 2 * N, mask=n_mask[:, None], other=0)
                 # nibble word r: lane 4i + r at bits 4i + p (arithmetic >> is safe: the sign
                 # fill lands outside each plane's mask)
-                nib = (((p0 >> lane_r) & 0x11111111) | (((p1 >> lane_r) << 1) & 0x22222222)
-                       | (((p2 >> lane_r) << 2) & 0x44444444))  # [NBLK, 4, BLOCK_N]
-                wv = nib[:, None, :, :]
-            if SYMMETRIC:
-                v = ((wv ^ FLIP) << (32 - BITS - sh4)) >> (32 - BITS)  # c - 2**(b-1), signed
-            else:
-                v = (wv >> sh4) & FMASK  # c, unsigned
-            w = tl.reshape(v, (BLOCK_K, BLOCK_N)).to(tl.int8)  # rows in channel order
+                n0 = (p0 & 0x11111111) | ((p1 << 1) & 0x22222222) | ((p2 << 2) & 0x44444444)
+                n1 = ((p0 >> 1) & 0x11111111) | (p1 & 0x22222222) | ((p2 << 1) & 0x44444444)
+                n2 = ((p0 >> 2) & 0x11111111) | ((p1 >> 1) & 0x22222222) | (p2 & 0x44444444)
+                n3 = ((p0 >> 3) & 0x11111111) | ((p1 >> 2) & 0x22222222) | ((p2 >> 1) & 0x44444444)
+                x = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [BLOCK_N, NBLK, 2, 2]: r = 2a + b
+            if not SYMMETRIC:  # the group's zero points, broadcast over x's minor dims
+                if BITS == 4:
+                    zb = z_g[:, None]
+                else:
+                    zb = z_g[:, None, None, None]
+            if SYMMETRIC:  # c - 2**(b-1): flip the field's top bit, sign-extend the field
+                x = x ^ FLIP
+                f0 = (x << (32 - BITS)) >> (32 - BITS)
+                f1 = (x << (28 - BITS)) >> (32 - BITS)
+                f2 = (x << (24 - BITS)) >> (32 - BITS)
+                f3 = (x << (20 - BITS)) >> (32 - BITS)
+                f4 = (x << (16 - BITS)) >> (32 - BITS)
+                f5 = (x << (12 - BITS)) >> (32 - BITS)
+                f6 = (x << (8 - BITS)) >> (32 - BITS)
+                f7 = (x << (4 - BITS)) >> (32 - BITS)
+            else:  # c - z, in [-15, 15]
+                f0 = (x & FMASK) - zb
+                f1 = ((x >> 4) & FMASK) - zb
+                f2 = ((x >> 8) & FMASK) - zb
+                f3 = ((x >> 12) & FMASK) - zb
+                f4 = ((x >> 16) & FMASK) - zb
+                f5 = ((x >> 20) & FMASK) - zb
+                f6 = ((x >> 24) & FMASK) - zb
+                f7 = ((x >> 28) & FMASK) - zb
+            # fields as three new minor dims (c2, c1, c0), field 4 c2 + 2 c1 + c0
+            f = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+            if BITS == 4:
+                wt = tl.reshape(f, (BLOCK_N, BLOCK_K))  # K = 8 * row + field: channel order
+            else:  # [N, block, r, field] -> [N, block, field, r]: K = 32 b + 4 i + r = channel
+                wt = tl.reshape(tl.permute(tl.reshape(f, (BLOCK_N, NBLK, 4, 8)), (0, 1, 3, 2)),
+                                (BLOCK_N, BLOCK_K))
+            w = tl.trans(wt.to(tl.int8))  # [BLOCK_K, BLOCK_N]
             iacc = tl.dot(a, w, iacc)
-            if not SYMMETRIC:
-                rsum += tl.reduce(a.to(tl.int32), 1, tl.standard._sum_combine)
         if not PER_CHANNEL:
-            g_off = step * N + offs_n
-            s_g = tl.load(s_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)
-            if SYMMETRIC:
-                part = iacc
-            else:
-                z_g = tl.load(z_ptr + g_off, mask=n_mask, other=0).to(tl.int32)
-                part = iacc - z_g[None, :] * rsum[:, None]  # exact in int32
-            acc += part.to(tl.float32) * s_g[None, :]
+            s_g = tl.load(s_ptr + step * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += iacc.to(tl.float32) * s_g[None, :]
     if PER_CHANNEL:
         s_g = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            part = iacc
-        else:
-            z_g = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
-            part = iacc - z_g[None, :] * rsum[:, None]
-        acc = part.to(tl.float32) * s_g[None, :]
+        acc = iacc.to(tl.float32) * s_g[None, :]
 
     a_s = tl.load(as_ptr + offs_m, mask=m_mask, other=0.0)
     res = acc * a_s[:, None]
