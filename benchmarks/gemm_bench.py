@@ -54,9 +54,10 @@ SHAPES = [  # (model, layer, K, N)
 GROUP = 128
 #: --sweep, M = 1: GEMV tiles (block_n, block_k, num_warps) x resident-warp targets per SM (the
 #: split-K heuristic's HQ_GEMM_GEMV_WARPS_PER_SM); the dot path's default is timed beside them.
-SWEEP_GEMV_TILES = [(256, 128, 4), (512, 128, 4), (256, 256, 8), (256, 64, 2), (128, 128, 4), (512, 256, 8)]
+SWEEP_GEMV_TILES = [(256, 256, 8), (256, 128, 4), (512, 128, 4), (512, 256, 8), (128, 128, 4), (256, 64, 2)]
 SWEEP_WARPS_PER_SM = [16, 24, 32, 48]
 CHECK_NK = (1000, 2944)  # the sweep's correctness check: N, K
+CHECK_CASES = [(3, True, 128, 1), (3, False, 64, 3), (4, True, -1, 8), (4, False, 128, 1), (3, True, 64, 2)]
 ROTATE_BYTES = 512 << 20  # weight bytes per rotation (several L2 sizes)
 
 
@@ -107,6 +108,7 @@ def sweep_plans(m, n, k, device) -> dict:
                 plans[f"gemv-n{bn}-k{bk}-w{w}-wps{wps}"] = gemv_plan(m, n, k, device, bn, bk, w, wps)
     if m <= 8:
         plans["gemv"] = gemv_plan(m, n, k, device, gemm._GEMV_BLOCK_N, gemm._GEMV_BLOCK_K, gemm._GEMV_WARPS)
+        plans["gemv-noasm"] = plans["gemv"]  # HQ_GEMM_GEMV_ASM_BITSEL=0: the plain and/or nibble words
         plans["dot"] = gemm.plan_dequant_gemm(m, n, k, device, use_dot=True)
     return plans
 
@@ -116,7 +118,7 @@ def check_gemv_tiles(device) -> str:
     W3/W4, symmetric/asymmetric, group 64/128/per-channel, N and K not multiples of the tiles."""
     worst, count = 0.0, 0
     tiles = sorted(set(SWEEP_GEMV_TILES) | {(gemm._GEMV_BLOCK_N, gemm._GEMV_BLOCK_K, gemm._GEMV_WARPS)})
-    cases = [(3, True, 128, 1), (3, False, 64, 3), (4, True, -1, 8), (4, False, 128, 1), (3, True, 64, 2)]
+    cases = CHECK_CASES
     for bn, bk, w in tiles:
         for bits, sym, group, m in cases:
             n, k = CHECK_NK  # GPU: 92 blocks, 23 groups of 128 (46 of 64)
@@ -156,8 +158,12 @@ def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):
         plans.update(sweep_plans(m, n, k, x.device))
     results = {}
     for name, plan in plans.items():
-        def call(i, plan=plan):
-            return gemm.dequant_gemm(x, *weights[i % copies], None, bits, GROUP, plan=plan)
+        def call(i, plan=plan, asm=not name.endswith("-noasm")):
+            saved, gemm._GEMV_ASM_BITSEL = gemm._GEMV_ASM_BITSEL, asm and gemm._GEMV_ASM_BITSEL
+            try:
+                return gemm.dequant_gemm(x, *weights[i % copies], None, bits, GROUP, plan=plan)
+            finally:
+                gemm._GEMV_ASM_BITSEL = saved
         try:
             call(0)
             if name != "default":  # every configuration must also be right
@@ -213,10 +219,11 @@ def _dry_run_setup() -> None:
     import os
 
     global SHAPES, ROTATE_BYTES, hbm_copy_bandwidth, kernel_time, graph_time, CHECK_NK
-    global SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM
+    global SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM, CHECK_CASES
     os.environ["TRITON_INTERPRET"] = "1"
     SHAPES = [("tiny", "a", 640, 72), ("tiny", "b", 1536, 40)]
-    SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM, CHECK_NK = SWEEP_GEMV_TILES[:2], SWEEP_WARPS_PER_SM[:2], (200, 384)
+    SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM, CHECK_NK = SWEEP_GEMV_TILES[:1], SWEEP_WARPS_PER_SM[:2], (200, 384)
+    CHECK_CASES = CHECK_CASES[:2]
     ROTATE_BYTES = 1
     hbm_copy_bandwidth = lambda device: 1.0  # noqa: E731
 

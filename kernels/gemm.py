@@ -72,12 +72,14 @@ unpacked one by one:
    a fixed order: deterministic, no atomics on data, no memset, graph-safe (tickets as in 3).
    M > 1 (up to ``_GEMV_MAX_M``) runs one program row per activation row (W is re-read, mostly
    from L2, and every row costs its own FMAs; the sweep decides whether it beats the dot path).
+   The W3 nibble words use inline-PTX bit-selects on the GPU (one LOP3 each; LLVM compiles the
+   and/or form the interpreter runs into three per word).
    Static cost (sm_90 SASS, Triton 3.9, ``benchmarks/gemm_bench.py --sass``), W3 symmetric
-   group 128, bf16 x: 256 x 128 x 4 warps: 80 registers, no spills, 3.62 instructions per
-   weight in the loop (LOP3 1.4, FFMA 1.2, shifts 0.6, activation loads 0.125), 24 warps/SM by
-   registers; 512 x 128 x 4: 168 registers, 3.45 per weight (the activation work shared by 16
-   columns), 12 warps/SM. The old 256 x 32 one-warp program: 96 registers, 3.62, 8 warps/SM as
-   launched.
+   group 128, bf16 x, per weight in the K loop: 256 x 256 x 8 warps (default): 80 registers,
+   no spills, 3.49 instructions (LOP3 1.25, FFMA 1.19, shifts ~0.5, activation load + convert
+   0.25, 16-byte weight loads 0.02), 24 warps/SM by registers; 512 x 128 x 4: 168 registers,
+   3.31 (the activation work shared by 16 columns), 12 warps/SM. W4: 3.2 / 3.0. The
+   2026-12-01 256 x 32 one-warp program: 96 registers, 3.62, launched at 8 warps/SM.
    **What the GPU sweep decides** (``benchmarks/gemm_bench.py --sweep``; every value is read
    at import from ``HQ_GEMM_GEMV_<NAME>``, no code edit needed): BLOCK_N / BLOCK_K / WARPS (the
    tile: 8 vs 16 columns per thread, blocks per warp), WARPS_PER_SM (split-K depth against
@@ -144,21 +146,24 @@ _DEQUANT_MIN_M = 17
 #: [BLOCK_N / 128, BLOCK_K / 32, 128] tile out as 8 consecutive columns per thread (two 16-byte
 #: loads per bit plane), 2 x 16 threads per warp over (blocks, columns), warps over column
 #: groups and blocks: a thread does BLOCK_N * BLOCK_K / (32 * 32 * WARPS) column-blocks per tile
-#: (8 at the default, 16 at 512 x 128 x 4 warps: fewer activation instructions per weight, 168
-#: instead of 80 registers). Split-K fills the GPU: splits are added until the grid holds
+#: (8 at the default 256 x 256 x 8 warps; 16 at 512 x 128 x 4: fewer activation instructions
+#: per weight, 168 instead of 80 registers). Split-K fills the GPU: splits are added until the grid holds
 #: WARPS_PER_SM resident warps per SM (bytes in flight: ~3 KB per warp per tile, plus one tile
 #: of prefetch), keeping at least MIN_TILES tiles per split; none where N alone fills it.
 #: All are set from HQ_GEMM_GEMV_* at import (the GPU sweep, benchmarks/gemm_bench.py --sweep,
 #: decides them).
 _GEMV_BLOCK_N = _env_int("GEMV_BLOCK_N", 256)
-_GEMV_BLOCK_K = _env_int("GEMV_BLOCK_K", 128)
-_GEMV_WARPS = _env_int("GEMV_WARPS", 4)
+_GEMV_BLOCK_K = _env_int("GEMV_BLOCK_K", 256)
+_GEMV_WARPS = _env_int("GEMV_WARPS", 8)
 _GEMV_WARPS_PER_SM = _env_int("GEMV_WARPS_PER_SM", 24)
 _GEMV_MIN_TILES = _env_int("GEMV_MIN_TILES", 2)  # below this a split is mostly prologue
 _GEMV_STAGES = _env_int("GEMV_STAGES", 0) or None  # Triton num_stages for the GEMV (0: default)
 #: Split-K partials the last program of a column tile sums per step (one 2-D load of
 #: RED_ROWS x BLOCK_N floats, all in flight together; deterministic order).
 _GEMV_RED_ROWS = _env_int("GEMV_RED_ROWS", 16)
+#: W3 nibble words by inline-PTX LOP3 bit-selects on the GPU (8 instead of 12 LOP3 per 32
+#: weights in the SASS); 0 uses the plain and/or form the interpreter tests.
+_GEMV_ASM_BITSEL = bool(_env_int("GEMV_ASM_BITSEL", 1))
 #: Dot tile for M >= 2 (BLOCK_M rows padded to at least 16, the tensor-core minimum).
 _DOT_BLOCK_M_CHOICES = (16, 32, 64)
 _DOT_BLOCK_N = 128
@@ -256,7 +261,7 @@ def plan_dequant_gemm(m: int, n: int, k: int, device: torch.device, **override) 
 
 def _dequant_gemm_kernel_source(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, ticket_ptr,
-    M, N, K, stride_xm, stride_om, tiles_per_split, split_k, magic_one,
+    M, N, K, stride_xm, stride_om, tiles_per_split, split_k, magic_one, x_lane_stride,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,  # group size in channels; 0 = one group per output channel
     SYMMETRIC: tl.constexpr,
@@ -268,6 +273,7 @@ def _dequant_gemm_kernel_source(
     DOT_IN_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DEQUANT_ONLY: tl.constexpr = False,  # write W^T [K, N] to out_ptr instead (dot path layout)
+    X_FIELD_MAJOR: tl.constexpr = False,  # x as [M, 32 lanes, x_lane_stride blocks] (zero-padded)
 ):
     """One (M tile, N tile, K split) program; see the module docstring for the arithmetic.
 
@@ -382,8 +388,11 @@ def _dequant_gemm_kernel_source(
                 off128 = -(128.0 + z_cur) * s_cur
             # Unmasked, in-bounds activation loads (rows past M are clamped, their results are
             # not stored); a block past the split or K has zero weight, as above.
-            x_ptrs = (x_rows + (tl.minimum(cur_blk, n_blocks - 1) * 32)[None, :]
-                      - tl.where(m_mask, 0, offs_m - (M - 1))[:, None] * stride_xm)
+            if X_FIELD_MAJOR:  # a field's blocks are contiguous; the pad covers the last tile
+                x_ptrs = x_rows + cur_blk[None, :] - tl.where(m_mask, 0, offs_m - (M - 1))[:, None] * stride_xm
+            else:
+                x_ptrs = (x_rows + (tl.minimum(cur_blk, n_blocks - 1) * 32)[None, :]
+                          - tl.where(m_mask, 0, offs_m - (M - 1))[:, None] * stride_xm)
             for r in tl.static_range(4):
                 if r == 0:
                     u = u0
@@ -408,6 +417,8 @@ def _dequant_gemm_kernel_source(
                         lane = r + 4 * i
                     else:
                         lane = 8 * r + i
+                    if X_FIELD_MAJOR:
+                        lane = lane * x_lane_stride
                     if DEQUANT_ONLY:
                         wt_ptrs = out_ptr + (cur_blk * 32 + lane)[:, None] * N + offs_n[None, :]
                         tl.store(wt_ptrs, f.to(out_ptr.dtype.element_ty),
@@ -524,6 +535,7 @@ def _gemv_kernel_source(
     CG: tl.constexpr,  # column groups per program: BLOCK_N = CG * COLW, 4 * CG columns per thread
     BK32: tl.constexpr,  # 32-channel blocks per tile, spread over the warps (BK32 >= num_warps)
     RED_ROWS: tl.constexpr,  # split-K partials summed per step by the last program of a tile
+    ASM_BITSEL: tl.constexpr = False,  # nibble words by inline-PTX bit-selects (compiled only)
 ):
     """M = 1 GEMV: one (BLOCK_N columns, K split) program; see the module docstring.
 
@@ -612,10 +624,29 @@ def _gemv_kernel_source(
             b = p2 << 2
             c = p0 >> 2
             d = p1 >> 1
-            u0 = (p0 & _M0) | (((a & _M1) | (b & _N1)) & _N0)
-            u1 = (p0 & _M1) | (((a & _M2) | (b & _N2)) & _N1)
-            u2 = (c & _M0) | (((d & _M1) | (p2 & _N1)) & _N0)
-            u3 = (c & _M1) | (((d & _M2) | (p2 & _N2)) & _N1)
+            if ASM_BITSEL:  # sel(x, y, m) = (x & m) | (y & ~m) as one LOP3 (LUT 0xE4) each:
+                # LLVM turns the and/or form into 3 LOP3 per word (SASS: 12 -> 8 per 32 weights)
+                t0 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [a, b, tl.full(a.shape, _M1, tl.uint32)], tl.uint32, True, 1)
+                t1 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [a, b, tl.full(a.shape, _M2, tl.uint32)], tl.uint32, True, 1)
+                t2 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [d, p2, tl.full(a.shape, _M1, tl.uint32)], tl.uint32, True, 1)
+                t3 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [d, p2, tl.full(a.shape, _M2, tl.uint32)], tl.uint32, True, 1)
+                u0 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [p0, t0, tl.full(a.shape, _M0, tl.uint32)], tl.uint32, True, 1)
+                u1 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [p0, t1, tl.full(a.shape, _M1, tl.uint32)], tl.uint32, True, 1)
+                u2 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [c, t2, tl.full(a.shape, _M0, tl.uint32)], tl.uint32, True, 1)
+                u3 = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r",
+                                               [c, t3, tl.full(a.shape, _M1, tl.uint32)], tl.uint32, True, 1)
+            else:  # the same bits (the interpreter has no inline PTX)
+                u0 = (p0 & _M0) | (((a & _M1) | (b & _N1)) & _N0)
+                u1 = (p0 & _M1) | (((a & _M2) | (b & _N2)) & _N1)
+                u2 = (c & _M0) | (((d & _M1) | (p2 & _N1)) & _N0)
+                u3 = (c & _M1) | (((d & _M2) | (p2 & _N2)) & _N1)
 
         s_acc = tl.full((CG, BK32, COLW), 0.0, tl.float32)
         xq = tl.full((1, BK32, 1), 0.0, tl.float32)
@@ -732,7 +763,7 @@ def compile_for_gpu(plan: GemmPlan, bits: int = 3, group_size: int = 128, symmet
     types = dict(x_ptr=f"*{ty}", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16" if symmetric else "*u8",
                  bias_ptr=f"*{ty}", out_ptr=f"*{ty}", part_ptr="*fp32", ticket_ptr="*i32")
     const = dict(BITS=bits, GROUP=0 if group_size == -1 else group_size, SYMMETRIC=symmetric,
-                 HAS_BIAS=False, **_gemv_constexprs(plan))
+                 HAS_BIAS=False, ASM_BITSEL=_GEMV_ASM_BITSEL, **_gemv_constexprs(plan))
     names = fn.arg_names
     sig = {a: types.get(a, "constexpr" if a in const else "i32") for a in names}
     aligned = [a for a in names if a.endswith("_ptr") or a in ("N", "K", "stride_xm", "stride_om")]
@@ -862,7 +893,7 @@ def dequantize_packed(
     n_tiles, k_tiles = -(-n // _DEQUANT_BLOCK_N), -(-k // _DEQUANT_BLOCK_K)
     _kernel(interpret)[(n_tiles, k_tiles)](
         scales, qweight, scales, scales if qzeros is None else qzeros, out, out, out, out,
-        1, n, k, 0, 0, 1, k_tiles, _MAGIC_ONE,
+        1, n, k, 0, 0, 1, k_tiles, _MAGIC_ONE, 0,
         BITS=bits, GROUP=0 if group_size == -1 or group_size == k else group_size,
         SYMMETRIC=qzeros is None, HAS_BIAS=False, USE_DOT=True, BLOCK_M=1,
         BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=_DEQUANT_BLOCK_K, DOT_IN_FP32=interpret,
@@ -934,14 +965,21 @@ def dequant_gemm(
             m, n, k, rows.stride(0), out.stride(0), plan.tiles_per_split, plan.split_k, _MAGIC_ONE,
             BITS=bits, GROUP=0 if group_size == -1 or group_size == k else group_size,
             SYMMETRIC=qzeros is None, HAS_BIAS=bias is not None, **_gemv_constexprs(plan),
-            num_warps=plan.num_warps, **extra,
+            ASM_BITSEL=not interpret and _GEMV_ASM_BITSEL, num_warps=plan.num_warps, **extra,
         )
         return out.reshape(*x.shape[:-1], n)
     fp32 = x.dtype == torch.float32
+    # Field-major activations (one small copy per call): [M, 32, blocks], blocks padded with
+    # zeros to every tile a split visits, so the per-field gathers read contiguous blocks
+    # instead of one element every 32 (the 2026-12-01 dot path: 16x the activation traffic).
+    kb = k // _PACK_BLOCK
+    kb_pad = plan.split_k * plan.tiles_per_split * (plan.block_k // _PACK_BLOCK)
+    x_fm = torch.nn.functional.pad(rows.view(m, kb, _PACK_BLOCK).transpose(1, 2), (0, kb_pad - kb))
     _kernel(interpret)[(tiles, plan.split_k)](
-        rows, qweight, scales, scales if qzeros is None else qzeros,
+        x_fm, qweight, scales, scales if qzeros is None else qzeros,
         out if bias is None else bias, out, partial, tickets,
-        m, n, k, rows.stride(0), out.stride(0), plan.tiles_per_split, plan.split_k, _MAGIC_ONE,
+        m, n, k, x_fm.stride(0), out.stride(0), plan.tiles_per_split, plan.split_k, _MAGIC_ONE, kb_pad,
+        X_FIELD_MAJOR=True,
         BITS=bits,
         GROUP=0 if group_size == -1 or group_size == k else group_size,
         SYMMETRIC=qzeros is None,
