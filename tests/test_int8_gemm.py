@@ -226,3 +226,40 @@ def test_plugin_prefill_path_is_the_simulators(rotate, interpreter, monkeypatch)
     assert ran == ["dequant", "int8"]
     assert qm.int8_gemm_eligible(3, 4, True) and not qm.int8_gemm_eligible(3, 4, False)
     assert not qm.int8_gemm_eligible(3, 16, True) and not qm.int8_gemm_eligible(2, 8, True)
+
+
+@pytest.mark.parametrize("act", [(4, True), (8, False)], ids=["a4sym", "a8asym"])
+def test_linear_method_apply_routes_prefill_to_int8(act, interpreter, monkeypatch):
+    """``HadaquantLinearMethod.apply`` on the packed-GEMM path (forced here: on the CPU platform
+    it is ``F.linear``): a down_proj with an online R4 and symmetric 4-bit activations goes
+    through ``packed_linear`` (int8 GEMM at prefill sizes); asymmetric activations, and every
+    linear with HADAQUANT_INT8_GEMM=0, keep the dequant GEMM."""
+    pytest.importorskip("vllm")
+    import hq_vllm
+
+    hq_vllm.register()
+    from hq_vllm import quant_method as qm
+    from hq_vllm.format import ActQuantSpec, HadaquantConfig, KVCacheSpec, RotationSpec
+    from hq_vllm.kernels.fwht import block_hadamard_transform
+
+    act_bits, act_sym = act
+    k, n, group = 256, N, 64
+    config = HadaquantConfig(weight=WeightQuantSpec(bits=4, group_size=group, symmetric=True),
+                             activation=ActQuantSpec(bits=act_bits, clip_ratio=0.9, symmetric=act_sym),
+                             kv_cache=KVCacheSpec(bits=16),
+                             rotation=RotationSpec(r4={"kind": "hadamard", "size": k, "factor_k": 1}))
+    method = qm.HadaquantLinearMethod(qm.HadaquantQuantizationConfig(config), "model.layers.0.mlp.down_proj")
+    assert method.int8_gemm == act_sym
+    layer = torch.nn.Module()
+    layer.qweight, layer.scales, _ = _linear(n, k, 4, group, True, 61)
+    layer.hq_packed_gemm = True
+    ran = []
+    monkeypatch.setattr(qm, "int8_gemm", lambda *a, **kw: ran.append("int8") or ig.int8_gemm(*a, **kw))
+    x = torch.randn(2, 40, k, generator=torch.Generator().manual_seed(62)).to(torch.bfloat16)  # 80 tokens
+    y = method.apply(layer, x)
+    w = ig.dequantize_packed_reference(layer.qweight, layer.scales, None, 4, group, k, torch.float32)
+    xq = qm.fake_quantize_per_token(block_hadamard_transform(x, k), act_bits, 0.9, act_sym)
+    assert y.shape == (2, 40, n) and _rel(y, xq.float() @ w) < 1e-2
+    assert ran == (["int8"] if act_sym else [])
+    monkeypatch.setattr(qm, "_INT8_GEMM", False)  # what HADAQUANT_INT8_GEMM=0 sets at import
+    assert not qm.int8_gemm_eligible(4, act_bits, act_sym)
