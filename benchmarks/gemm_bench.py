@@ -14,8 +14,9 @@ Weights rotate over enough copies that each pass is several times the L2. The HB
 large device-to-device copy (bytes read + written). ``--sweep`` first checks every GEMV sweep
 tile against the reference (M = 1..8, W3/W4, sym/asym, ragged N and K), then also times the
 configurations of SWEEP at every shape: for M = 1 the GEMV tiles (block_n, block_k, warps) x
-resident-warps targets (HQ_GEMM_GEMV_WARPS_PER_SM); for 2 <= M <= 8 the default GEMV against
-the dot path (HQ_GEMM_GEMV_MAX_M). It reports the best per shape and, last, a summary per
+resident-warps targets (HQ_GEMM_GEMV_WARPS_PER_SM), the minimum tiles per split
+(HQ_GEMM_GEMV_MIN_TILES) and the plain nibble unpack (-noasm, HQ_GEMM_GEMV_ASM_BITSEL=0); for
+2 <= M <= 8 the default GEMV against the dot path (HQ_GEMM_GEMV_MAX_M). It reports the best per shape and, last, a summary per
 configuration (mean % HBM over the shapes) from which the defaults are picked; they are set
 without code edits by the HQ_GEMM_GEMV_* environment variables (kernels/gemm.py). ``--budget-s``
 stops the sweep in time to print. ``--sass`` compiles the GEMV tiles for sm_90 on the CPU and
@@ -56,6 +57,7 @@ GROUP = 128
 #: split-K heuristic's HQ_GEMM_GEMV_WARPS_PER_SM); the dot path's default is timed beside them.
 SWEEP_GEMV_TILES = [(256, 256, 8), (256, 128, 4), (512, 128, 4), (512, 256, 8), (128, 128, 4), (256, 64, 2)]
 SWEEP_WARPS_PER_SM = [16, 24, 32, 48]
+SWEEP_MIN_TILES = [2, 4]  # HQ_GEMM_GEMV_MIN_TILES (default 1), for the first two tiles
 CHECK_NK = (1000, 2944)  # the sweep's correctness check: N, K
 CHECK_CASES = [(3, True, 128, 1), (3, False, 64, 3), (4, True, -1, 8), (4, False, 128, 1), (3, True, 64, 2)]
 ROTATE_BYTES = 512 << 20  # weight bytes per rotation (several L2 sizes)
@@ -88,16 +90,18 @@ def kernel_time(fn, calls: int) -> float:
     return total_us / calls / 1e6
 
 
-def gemv_plan(m, n, k, device, block_n, block_k, warps, warps_per_sm=None):
+def gemv_plan(m, n, k, device, block_n, block_k, warps, warps_per_sm=None, min_tiles=None):
     """The GEMV plan the heuristic would pick with these tunables (``HQ_GEMM_GEMV_*``)."""
-    saved = gemm._GEMV_WARPS_PER_SM
+    saved = gemm._GEMV_WARPS_PER_SM, gemm._GEMV_MIN_TILES
     try:
         if warps_per_sm is not None:
             gemm._GEMV_WARPS_PER_SM = warps_per_sm
+        if min_tiles is not None:
+            gemm._GEMV_MIN_TILES = min_tiles
         return gemm.plan_dequant_gemm(m, n, k, device, use_dot=False, block_n=block_n, block_k=block_k,
                                       num_warps=warps)
     finally:
-        gemm._GEMV_WARPS_PER_SM = saved
+        gemm._GEMV_WARPS_PER_SM, gemm._GEMV_MIN_TILES = saved
 
 
 def sweep_plans(m, n, k, device) -> dict:
@@ -106,6 +110,9 @@ def sweep_plans(m, n, k, device) -> dict:
         for bn, bk, w in SWEEP_GEMV_TILES:
             for wps in SWEEP_WARPS_PER_SM:
                 plans[f"gemv-n{bn}-k{bk}-w{w}-wps{wps}"] = gemv_plan(m, n, k, device, bn, bk, w, wps)
+        for bn, bk, w in SWEEP_GEMV_TILES[:2]:
+            for mt in SWEEP_MIN_TILES:
+                plans[f"gemv-n{bn}-k{bk}-w{w}-min{mt}"] = gemv_plan(m, n, k, device, bn, bk, w, min_tiles=mt)
     if m <= 8:
         plans["gemv"] = gemv_plan(m, n, k, device, gemm._GEMV_BLOCK_N, gemm._GEMV_BLOCK_K, gemm._GEMV_WARPS)
         plans["gemv-noasm"] = plans["gemv"]  # HQ_GEMM_GEMV_ASM_BITSEL=0: the plain and/or nibble words
@@ -223,6 +230,8 @@ def _dry_run_setup() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     SHAPES = [("tiny", "a", 640, 72), ("tiny", "b", 1536, 40)]
     SWEEP_GEMV_TILES, SWEEP_WARPS_PER_SM, CHECK_NK = SWEEP_GEMV_TILES[:1], SWEEP_WARPS_PER_SM[:2], (200, 384)
+    global SWEEP_MIN_TILES
+    SWEEP_MIN_TILES = SWEEP_MIN_TILES[:1]
     CHECK_CASES = CHECK_CASES[:2]
     ROTATE_BYTES = 1
     hbm_copy_bandwidth = lambda device: 1.0  # noqa: E731

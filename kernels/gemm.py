@@ -156,7 +156,7 @@ _GEMV_BLOCK_N = _env_int("GEMV_BLOCK_N", 256)
 _GEMV_BLOCK_K = _env_int("GEMV_BLOCK_K", 256)
 _GEMV_WARPS = _env_int("GEMV_WARPS", 8)
 _GEMV_WARPS_PER_SM = _env_int("GEMV_WARPS_PER_SM", 24)
-_GEMV_MIN_TILES = _env_int("GEMV_MIN_TILES", 2)  # below this a split is mostly prologue
+_GEMV_MIN_TILES = _env_int("GEMV_MIN_TILES", 1)  # fewer tiles: more splits, shorter loops
 _GEMV_STAGES = _env_int("GEMV_STAGES", 0) or None  # Triton num_stages for the GEMV (0: default)
 #: Split-K partials the last program of a column tile sums per step (one 2-D load of
 #: RED_ROWS x BLOCK_N floats, all in flight together; deterministic order).
@@ -245,8 +245,8 @@ def plan_dequant_gemm(m: int, n: int, k: int, device: torch.device, **override) 
         if use_dot:
             split = max(1, min(k_tiles, -(-_PROGRAMS_PER_SM * sms // tiles)))
         else:  # enough resident warps per SM, but no split shorter than _GEMV_MIN_TILES tiles
-            split = -(-_GEMV_WARPS_PER_SM * sms // (tiles * base["num_warps"]))
-            split = max(1, min(split, k_tiles // _GEMV_MIN_TILES))
+            want = -(-_GEMV_WARPS_PER_SM * sms // (tiles * base["num_warps"]))
+            split = -(-k_tiles // max(_GEMV_MIN_TILES, -(-k_tiles // want)))
     split = max(1, min(int(split), k_tiles))
     tiles_per_split = -(-k_tiles // split)
     split = -(-k_tiles // tiles_per_split)  # no empty split
@@ -975,6 +975,7 @@ def dequant_gemm(
     kb = k // _PACK_BLOCK
     kb_pad = plan.split_k * plan.tiles_per_split * (plan.block_k // _PACK_BLOCK)
     x_fm = torch.nn.functional.pad(rows.view(m, kb, _PACK_BLOCK).transpose(1, 2), (0, kb_pad - kb))
+    x_fm = x_fm.contiguous()  # a zero pad may return the transposed view itself
     _kernel(interpret)[(tiles, plan.split_k)](
         x_fm, qweight, scales, scales if qzeros is None else qzeros,
         out if bias is None else bias, out, partial, tickets,

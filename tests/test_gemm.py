@@ -98,6 +98,19 @@ def test_gemv_matches_reference(bits, symmetric, group, interpreter):
         assert _rel(dequant_gemm(x[:1], qw, s, z, bits, group), want[:1]) < 2e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dot_whole_tiles(dtype, interpreter):
+    """Dot path with K a whole number of tiles (no padding of the field-major activations)."""
+    bits, group, m, n, k = 3, 128, 3, 40, 1024
+    qw, s, z, _, _ = _linear(n, k, bits, group, True, 81)
+    x = _x(m, k, 82, dtype)
+    for split in (1, 2):
+        plan = plan_dequant_gemm(m, n, k, x.device, use_dot=True, split_k=split)
+        y = dequant_gemm(x, qw, s, z, bits, group, out_dtype=torch.float32, plan=plan)
+        want = reference(x, qw, s, z, bits, group, out_dtype=torch.float32)
+        assert _rel(y, want) < 2e-4
+
+
 @pytest.mark.parametrize("use_dot", [False, True], ids=["gemv", "dot"])
 @pytest.mark.parametrize("split_k", [1, 2, 5])
 def test_split_k(use_dot, split_k, interpreter):
