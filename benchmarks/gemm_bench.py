@@ -179,7 +179,7 @@ def bench_shape(model, layer, k, n, bits, m, device, hbm, sweep):
                 if not rel_c < 1e-2:
                     results[name] = {"error": f"rel {rel_c:.2e}"}
                     continue
-            t = kernel_time(call, 3 * copies)
+            t = kernel_time(call, 3 * copies if name == "default" else copies)  # the sweep: one pass
             results[name] = {"kernel_s": t, "plan": plan.__dict__}
         except Exception as e:  # a configuration that does not compile or fit is reported, not fatal
             results[name] = {"error": repr(e)[:200]}
@@ -317,10 +317,19 @@ def print_sweep_summary(rows) -> None:
         for c in names:
             pct = [100 * r["bytes"] / r["configs"][c]["kernel_s"] / 1e9 / r["hbm_GBps"] for r in group]
             stats.append((sum(pct) / len(pct), min(pct), sum(r["best"] == c for r in group), c))
-        for mean, low, wins, c in sorted(stats, reverse=True)[:12]:
+        ranked = sorted(stats, reverse=True)
+        for mean, low, wins, c in ranked[:12]:
             plan = group[0]["configs"][c]["plan"]
             print(f"| {bits} | {m} | {c} | {mean:.1f} | {low:.1f} | {wins} | "
                   f"{plan['block_n']} x {plan['block_k']}, {plan['num_warps']} |")
+        best = ranked[0][3] if ranked else ""
+        if best.startswith("gemv-n"):  # the environment that makes it the default
+            fields = dict(zip(("BLOCK_N", "BLOCK_K", "WARPS"), best.split("-")[1:4]))
+            env = [f"HQ_GEMM_GEMV_{f}={v.lstrip('nkw')}" for f, v in fields.items()]
+            tail = best.split("-")[4]
+            env.append(f"HQ_GEMM_GEMV_WARPS_PER_SM={tail[3:]}" if tail.startswith("wps")
+                       else f"HQ_GEMM_GEMV_MIN_TILES={tail[3:]}")
+            print(f"best W{bits} M={m} as defaults: {' '.join(env)}")
 
 
 def sass_report(bits_list) -> None:

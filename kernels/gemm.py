@@ -245,7 +245,8 @@ def plan_dequant_gemm(m: int, n: int, k: int, device: torch.device, **override) 
         if use_dot:
             split = max(1, min(k_tiles, -(-_PROGRAMS_PER_SM * sms // tiles)))
         else:  # enough resident warps per SM, but no split shorter than _GEMV_MIN_TILES tiles
-            want = -(-_GEMV_WARPS_PER_SM * sms // (tiles * base["num_warps"]))
+            # (rounded down: a grid past what is resident runs a second, mostly idle wave)
+            want = max(1, _GEMV_WARPS_PER_SM * sms // (tiles * base["num_warps"]))
             split = -(-k_tiles // max(_GEMV_MIN_TILES, -(-k_tiles // want)))
     split = max(1, min(int(split), k_tiles))
     tiles_per_split = -(-k_tiles // split)
