@@ -189,8 +189,9 @@ def _int8_gemm_kernel_source(
 ):
     """One ``[BLOCK_M, BLOCK_N]`` output tile; see the module docstring for the arithmetic.
 
-    Core builtins only (tl.reduce with the standard sum combiner, no triton.language.standard
-    @jit helpers): the source is built compiled or interpreted at call time (see ``_kernel``).
+    Core builtins only (tl.join / tl.reshape / tl.permute / tl.trans, no
+    triton.language.standard @jit helpers such as tl.cdiv): the source is built compiled or
+    interpreted at call time (see ``_kernel``).
     """
     NBLK: tl.constexpr = BLOCK_K // 32  # packing blocks per K step
     FMASK: tl.constexpr = (1 << BITS) - 1
