@@ -28,6 +28,7 @@ the full results as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -110,6 +111,9 @@ def sweep_plans(m, n, k, device) -> dict:
         for bn, bk, w in SWEEP_GEMV_TILES:
             for wps in SWEEP_WARPS_PER_SM:
                 plans[f"gemv-n{bn}-k{bk}-w{w}-wps{wps}"] = gemv_plan(m, n, k, device, bn, bk, w, wps)
+        for wps in (16, 24):  # the 16-column tile capped at 128 registers (spills a little)
+            plans[f"gemv-n512-k128-w4-wps{wps}-r128"] = dataclasses.replace(
+                gemv_plan(m, n, k, device, 512, 128, 4, wps), max_registers=128)
         for bn, bk, w in SWEEP_GEMV_TILES[:2]:
             for mt in SWEEP_MIN_TILES:
                 plans[f"gemv-n{bn}-k{bk}-w{w}-min{mt}"] = gemv_plan(m, n, k, device, bn, bk, w, min_tiles=mt)
@@ -337,6 +341,8 @@ def print_sweep_summary(rows) -> None:
             tail = best.split("-")[4]
             env.append(f"HQ_GEMM_GEMV_WARPS_PER_SM={tail[3:]}" if tail.startswith("wps")
                        else f"HQ_GEMM_GEMV_MIN_TILES={tail[3:]}")
+            if best.endswith("-r128"):
+                env.append("HQ_GEMM_GEMV_MAX_REGISTERS=128")
             print(f"best W{bits} M={m} as defaults: {' '.join(env)}")
 
 

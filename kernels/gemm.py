@@ -83,8 +83,9 @@ unpacked one by one:
    **What the GPU sweep decides** (``benchmarks/gemm_bench.py --sweep``; every value is read
    at import from ``HQ_GEMM_GEMV_<NAME>``, no code edit needed): BLOCK_N / BLOCK_K / WARPS (the
    tile: 8 vs 16 columns per thread, blocks per warp), WARPS_PER_SM (split-K depth against
-   bytes in flight and reduction cost), MIN_TILES, RED_ROWS, STAGES (Triton num_stages), and
-   MAX_M (GEMV vs dot for M = 2..8). Expected from the static count: ~3.5 instructions per
+   bytes in flight and reduction cost), MIN_TILES, MAX_REGISTERS (the 16-column tile capped at
+   128 registers for 16 warps/SM), ASM_BITSEL (inline-PTX vs plain unpack), RED_ROWS, STAGES
+   (Triton num_stages), and MAX_M (GEMV vs dot for M = 2..8). Expected from the static count: ~3.5 instructions per
    weight is about what the H200's issue rate allows at 85% of HBM (~3.7 at 100% issue), so
    the target needs near-perfect latency hiding; the 16-column tile is the lever on issue.
 
@@ -158,6 +159,10 @@ _GEMV_WARPS = _env_int("GEMV_WARPS", 8)
 _GEMV_WARPS_PER_SM = _env_int("GEMV_WARPS_PER_SM", 24)
 _GEMV_MIN_TILES = _env_int("GEMV_MIN_TILES", 1)  # fewer tiles: more splits, shorter loops
 _GEMV_STAGES = _env_int("GEMV_STAGES", 0) or None  # Triton num_stages for the GEMV (0: default)
+#: ptxas register cap for the GEMV (0: none). 512 x 128 x 4 warps needs 168 registers (12 warps
+#: per SM); capped at 128 it spills 72 bytes (18 local loads per tile, 3.38 instead of 3.31
+#: instructions per weight) for 16 warps per SM. The sweep times that pair.
+_GEMV_MAX_REGISTERS = _env_int("GEMV_MAX_REGISTERS", 0) or None
 #: Split-K partials the last program of a column tile sums per step (one 2-D load of
 #: RED_ROWS x BLOCK_N floats, all in flight together; deterministic order).
 _GEMV_RED_ROWS = _env_int("GEMV_RED_ROWS", 16)
@@ -200,6 +205,7 @@ class GemmPlan:
     split_k: int
     tiles_per_split: int
     num_stages: int | None = None
+    max_registers: int | None = None  # GEMV: ptxas register cap (maxnreg), None = no cap
 
 
 def _interpret_requested() -> bool:
@@ -229,7 +235,7 @@ def plan_dequant_gemm(m: int, n: int, k: int, device: torch.device, **override) 
         base = dict(block_m=1, block_n=_GEMV_BLOCK_N, block_k=_GEMV_BLOCK_K, num_warps=_GEMV_WARPS)
     split = override.pop("split_k", None)
     base.update({key: override.pop(key) for key in list(override) if key in base})
-    if override.keys() - {"num_stages"}:
+    if override.keys() - {"num_stages", "max_registers"}:
         raise TypeError(f"unknown plan fields {sorted(override)}")
     bk, bn = base["block_k"], base["block_n"]
     if bk < _PACK_BLOCK or bk & (bk - 1):
@@ -252,7 +258,9 @@ def plan_dequant_gemm(m: int, n: int, k: int, device: torch.device, **override) 
     tiles_per_split = -(-k_tiles // split)
     split = -(-k_tiles // tiles_per_split)  # no empty split
     stages = override.get("num_stages", _NUM_STAGES if use_dot else _GEMV_STAGES)
-    return GemmPlan(use_dot, split_k=split, tiles_per_split=tiles_per_split, num_stages=stages, **base)
+    max_registers = override.get("max_registers", None if use_dot else _GEMV_MAX_REGISTERS)
+    return GemmPlan(use_dot, split_k=split, tiles_per_split=tiles_per_split, num_stages=stages,
+                    max_registers=max_registers, **base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,6 +781,8 @@ def compile_for_gpu(plan: GemmPlan, bits: int = 3, group_size: int = 128, symmet
     options = {"num_warps": plan.num_warps}
     if plan.num_stages is not None:
         options["num_stages"] = plan.num_stages
+    if plan.max_registers:
+        options["maxnreg"] = plan.max_registers
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -967,6 +977,7 @@ def dequant_gemm(
             BITS=bits, GROUP=0 if group_size == -1 or group_size == k else group_size,
             SYMMETRIC=qzeros is None, HAS_BIAS=bias is not None, **_gemv_constexprs(plan),
             ASM_BITSEL=not interpret and _GEMV_ASM_BITSEL, num_warps=plan.num_warps, **extra,
+            **({"maxnreg": plan.max_registers} if plan.max_registers and not interpret else {}),
         )
         return out.reshape(*x.shape[:-1], n)
     fp32 = x.dtype == torch.float32
