@@ -3,7 +3,9 @@
 # each benchmark first checks its kernel against the torch reference on fresh random inputs on
 # the GPU, then times it; JSON results and logs land in $OUT, a short table per benchmark last.
 #   run(command="bash benchmarks/gpu_kernels.sh", timeout_s=600)
-#   HQ_KERNELS="fhq attn gbs" bash benchmarks/gpu_kernels.sh   # a subset (kvw: the fused KV write)
+#   HQ_KERNELS="gemm i8" bash benchmarks/gpu_kernels.sh   # a subset; one call must stay under 600 s:
+#   steps: fhq (fused Hadamard+quant, ~60 s), attn (paged attention, ~120 s), gemm (GEMV/dot sweep,
+#   <= 300 s), i8 (int8 prefill GEMM, 2-5 min), kvw (KV-cache write, ~60-120 s) (kvw: the fused KV write)
 set -uo pipefail
 OUT=${OUT:-runs/gpu_kernels}
 mkdir -p "$OUT"
@@ -23,5 +25,6 @@ step() {  # name, seconds, command...
 step fhq 200 python3 benchmarks/hadamard_quant_bench.py --out "$OUT/hadamard_quant.json" \
   --configs '[{}, {"_FP16_MAX_BITS": 8}, {"num_warps": 16}]'
 step attn 200 python3 benchmarks/paged_attention_bench.py --out "$OUT/paged_attention.json"
-step gemm 150 python3 benchmarks/gemm_bench.py --out "$OUT"
-step kvw 300 python3 benchmarks/kv_write_bench.py --sweep --out "$OUT/kv_write.json"
+step gemm 300 python3 benchmarks/gemm_bench.py --sweep --bits 3 4 --m 1 8 --budget-s 220 --out "$OUT"
+step i8 280 python3 benchmarks/int8_gemm_bench.py --out "$OUT/int8_gemm.json"
+step kvw 200 python3 benchmarks/kv_write_bench.py --sweep --out "$OUT/kv_write.json"
