@@ -96,6 +96,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Bit-select masks (bits 4i, 4i+1, 4i+2 of every nibble) and their complements: the 3-bit
+# nibble-word construction of gemm.py (there documented), on uint32 words; one definition.
+from .gemm import _M0, _M1, _M2, _N0, _N1, _N2  # noqa: F401 (kernel globals)
 from .kv_cache import kv_slot_bytes, paged_attention_reference
 
 __all__ = [
@@ -148,10 +151,6 @@ _MAGIC = 0x4B000000
 _MAGIC_FP16 = 0x6400
 _MAGIC_BF16 = 0x4300
 _LOG2E = 1.4426950408889634
-# Bit-select masks (bits 4i, 4i+1, 4i+2 of every nibble) and their complements: the 3-bit
-# nibble-word construction of gemm.py (there documented), on uint32 words.
-_M0, _M1, _M2 = tl.constexpr(0x11111111), tl.constexpr(0x22222222), tl.constexpr(0x44444444)
-_N0, _N1, _N2 = tl.constexpr(0xEEEEEEEE), tl.constexpr(0xDDDDDDDD), tl.constexpr(0xBBBBBBBB)
 
 
 @dataclass(frozen=True)
