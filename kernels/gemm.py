@@ -808,6 +808,15 @@ def _check_args(x, qweight, scales, qzeros, bits, group_size) -> tuple[int, int,
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in [1, 8], got {bits!r}")
     k = x.shape[-1]
+    n, groups = check_packed_weight(k, qweight, scales, qzeros, bits, group_size)
+    return k, n, groups
+
+
+def check_packed_weight(k: int, qweight, scales, qzeros, bits: int, group_size: int,
+                        names: tuple[str, str] = ("scales", "qzeros")) -> tuple[int, int]:
+    """(N, number of groups) of a packed weight for K inputs, after checking K, the group size,
+    ``qweight``, the scales and the zero points against the packed format (``bits`` already
+    checked); ``names``: what the caller calls the scales and zero points, for the errors."""
     if k % _PACK_BLOCK:
         raise ValueError(f"K = {k} must be a multiple of {_PACK_BLOCK} (packing blocks)")
     if group_size == -1:
@@ -825,11 +834,13 @@ def _check_args(x, qweight, scales, qzeros, bits, group_size) -> tuple[int, int,
             f"{qweight.dtype} {tuple(qweight.shape)}"
         )
     n = qweight.shape[1]
+    scales_name, zeros_name = names
     if not scales.dtype.is_floating_point or tuple(scales.shape) != (groups, n):
-        raise ValueError(f"scales must be floating [{groups}, {n}], got {scales.dtype} {tuple(scales.shape)}")
+        raise ValueError(f"{scales_name} must be floating [{groups}, {n}], got {scales.dtype} {tuple(scales.shape)}")
     if qzeros is not None and (qzeros.dtype != torch.uint8 or tuple(qzeros.shape) != (groups, n)):
-        raise ValueError(f"qzeros must be uint8 [{groups}, {n}] or None, got {qzeros.dtype} {tuple(qzeros.shape)}")
-    return k, n, groups
+        raise ValueError(f"{zeros_name} must be uint8 [{groups}, {n}] or None, got {qzeros.dtype} "
+                         f"{tuple(qzeros.shape)}")
+    return n, groups
 
 
 def dequant_gemm_reference(

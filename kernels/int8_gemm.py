@@ -84,7 +84,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .gemm import dequantize_packed_reference
+from .gemm import check_packed_weight, dequantize_packed_reference
 from .hadamard_quant import QUANT_BITS, quantize_per_token_reference
 
 __all__ = [
@@ -114,7 +114,6 @@ _MIN_DOT = 16  # every tl.dot dimension
 _MIN_DOT_K_INT8 = 32  # int8 MMA consumes K in steps of 32
 _QUANT_BLOCK = 1024  # quantize_per_token: channels per step of its row loops
 _QUANT_WARPS = 4
-_PACK_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -352,25 +351,9 @@ def _check_args(a_codes, a_scales, qweight, w_scales, w_zeros, bias, bits, group
     if a_codes.dtype != torch.int8 or a_codes.dim() != 2:
         raise ValueError(f"a_codes must be int8 [M, K], got {a_codes.dtype} {tuple(a_codes.shape)}")
     m, k = a_codes.shape
-    if k % _PACK_BLOCK:
-        raise ValueError(f"K = {k} must be a multiple of {_PACK_BLOCK} (packing blocks)")
     if a_scales.dtype != torch.float32 or tuple(a_scales.shape) != (m,):
         raise ValueError(f"a_scales must be float32 [M] = [{m}], got {a_scales.dtype} {tuple(a_scales.shape)}")
-    if group_size == -1:
-        groups = 1
-    elif isinstance(group_size, int) and group_size > 0 and group_size % _PACK_BLOCK == 0 and k % group_size == 0:
-        groups = k // group_size
-    else:
-        raise ValueError(
-            f"group_size must be -1 or a positive multiple of {_PACK_BLOCK} dividing K = {k}, got {group_size!r}")
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != bits * k // _PACK_BLOCK:
-        raise ValueError(f"qweight must be int32 [bits*K/32, N] = [{bits * k // _PACK_BLOCK}, N], got "
-                         f"{qweight.dtype} {tuple(qweight.shape)}")
-    n = qweight.shape[1]
-    if not w_scales.dtype.is_floating_point or tuple(w_scales.shape) != (groups, n):
-        raise ValueError(f"w_scales must be floating [{groups}, {n}], got {w_scales.dtype} {tuple(w_scales.shape)}")
-    if w_zeros is not None and (w_zeros.dtype != torch.uint8 or tuple(w_zeros.shape) != (groups, n)):
-        raise ValueError(f"w_zeros must be uint8 [{groups}, {n}] or None, got {w_zeros.dtype} {tuple(w_zeros.shape)}")
+    n, _ = check_packed_weight(k, qweight, w_scales, w_zeros, bits, group_size, names=("w_scales", "w_zeros"))
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [N] = [{n}], got {tuple(bias.shape)}")
     return m, k, n
